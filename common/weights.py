@@ -1,0 +1,184 @@
+"""Canonical weights: one naming and one layout for every parameter, in every framework.
+
+Layout (PyTorch's, chosen because it is also MXNet's and needs no transposes in two of
+three backends):
+
+* ``<conv>.weight``: (out_channels, in_channels / groups, kH, kW); ``<conv>.bias``: (out,)
+* ``<dense>.weight``: (out_features, in_features), inputs in the NCHW flatten order
+  (channel, row, column); ``<dense>.bias``: (out,)
+
+All float32. Files are ``.npz`` read with ``allow_pickle=False``: a file that holds a
+pickled object is refused, never executed.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .shapes import conv_in_channels, dense_in_features, infer
+from .spec import Conv2d, Dense, Flatten, ModelSpec
+
+DTYPE = np.float32
+
+
+class WeightsError(ValueError):
+    """Weights that do not fit the spec, or a file that is not a canonical weights file."""
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of ``spec``, in canonical layout and model order."""
+    in_channels = conv_in_channels(spec)
+    fan_in = dense_in_features(spec)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in spec.weighted_layers():
+        if isinstance(layer, Conv2d):
+            shapes[f"{layer.name}.weight"] = (
+                layer.out_channels,
+                in_channels[layer.name] // layer.groups,
+                *layer.kernel_size,
+            )
+            shapes[f"{layer.name}.bias"] = (layer.out_channels,)
+        else:
+            shapes[f"{layer.name}.weight"] = (layer.out_features, fan_in[layer.name])
+            shapes[f"{layer.name}.bias"] = (layer.out_features,)
+    return shapes
+
+
+def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """The book's initialisation, in numpy so every backend starts from the same numbers.
+
+    Xavier/Glorot uniform for weights with PyTorch's fans (fan_in = shape[1] * receptive
+    field, fan_out = shape[0] * receptive field), zero biases. Each parameter draws from its
+    own stream keyed by (seed, parameter index), so adding a layer does not reshuffle others.
+    """
+    weights: dict[str, np.ndarray] = {}
+    for index, (name, shape) in enumerate(expected_shapes(spec).items()):
+        if name.endswith(".bias"):
+            weights[name] = np.zeros(shape, DTYPE)
+            continue
+        receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        limit = np.sqrt(6.0 / (shape[1] * receptive + shape[0] * receptive))
+        rng = np.random.default_rng([seed, index])
+        weights[name] = rng.uniform(-limit, limit, size=shape).astype(DTYPE)
+    return weights
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError:  # a framework dtype such as torch.float32
+        return str(dtype).rsplit(".", 1)[-1]
+
+
+def check_arrays(spec: ModelSpec, expected: Mapping[str, tuple[int, ...]], found: Mapping[str, object], *,
+                 source: str, dtype: str | None = "float32") -> None:
+    """Raise one WeightsError listing every missing, unexpected, mis-shaped or mis-typed entry.
+
+    ``found`` maps names to anything with ``.shape`` (and ``.dtype`` when ``dtype`` is given):
+    numpy arrays, framework tensors, or the datasets of a framework's checkpoint file.
+    """
+    problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in found]
+    problems += [f"unexpected {name}" for name in found if name not in expected]
+    for name, shape in expected.items():
+        if name not in found:
+            continue
+        value = found[name]
+        if tuple(np.shape(value)) != tuple(shape):
+            problems.append(f"{name}: shape {tuple(np.shape(value))}, expected {tuple(shape)}")
+        elif dtype is not None and _dtype_name(value.dtype) != dtype:
+            problems.append(f"{name}: dtype {_dtype_name(value.dtype)}, expected {dtype}")
+    if problems:
+        raise WeightsError(
+            f"{source} do not fit spec {spec.name!r} with input {'x'.join(map(str, spec.input_shape))} "
+            f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+        )
+
+
+def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source: str = "weights") -> None:
+    """Canonical weights against ``spec``: every name, shape and dtype, all problems at once."""
+    check_arrays(spec, expected_shapes(spec), {k: np.asarray(v) for k, v in weights.items()}, source=source)
+
+
+def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **extra: np.ndarray) -> Path:
+    """Write ``weights`` (and ``extra`` arrays, e.g. optimizer state) to an .npz atomically.
+
+    The file appears under its name only when complete: a crash leaves the old file intact.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise WeightsError(f"{path}: canonical weights files end in .npz")
+    arrays = {name: np.asarray(value) for name, value in {**weights, **extra}.items()}
+    for name, value in arrays.items():
+        if value.dtype == object:
+            raise WeightsError(f"{path}: {name} is an object array; only numeric arrays are saved")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array in an .npz, refusing pickles and non-npz files with a message naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except ValueError as error:  # numpy's answer to an object (pickled) array
+        raise WeightsError(f"{path}: refused, the file holds a pickled object ({error})") from None
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        raise WeightsError(f"{path}: not a readable .npz file ({error})") from None
+
+
+def load_weights_file(path: str | os.PathLike, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Canonical weights from ``path``, checked against ``spec`` before anything is returned."""
+    weights = {name: value for name, value in read_npz(path).items() if "/" not in name}
+    check_weights(spec, weights, source=str(path))
+    return weights
+
+
+def resolve_weights(spec: ModelSpec, weights) -> dict[str, np.ndarray]:
+    """Accept a mapping or a path; return checked canonical weights."""
+    if isinstance(weights, (str, os.PathLike)):
+        return load_weights_file(weights, spec)
+    weights = dict(weights)
+    check_weights(spec, weights)
+    return weights
+
+
+def nhwc_flatten_permutation(spec: ModelSpec) -> np.ndarray:
+    """Index array p such that ``x_nhwc_flat == x_nchw_flat[p]`` at the Flatten layer.
+
+    The first dense layer's canonical weight W (NCHW columns) becomes ``W[:, p]`` for a
+    backend that flattens NHWC; the inverse permutation takes it back.
+    """
+    rows = infer(spec)
+    for prev, row in zip(rows, rows[1:]):
+        if row.kind == "Flatten":
+            _, c, h, w = prev.shape
+            return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+    raise WeightsError(f"spec {spec.name!r} has no Flatten layer")
+
+
+def first_dense_after_flatten(spec: ModelSpec) -> str:
+    """The dense layer whose input columns follow the flatten order (fc6 in AlexNet)."""
+    flattened = False
+    for layer in spec.layers:
+        flattened = flattened or isinstance(layer, Flatten)
+        if flattened and isinstance(layer, Dense):
+            return layer.name
+    raise WeightsError(f"spec {spec.name!r} has no Dense layer after Flatten")

@@ -1,0 +1,103 @@
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+
+from common.spec import book_alexnet, paper_alexnet
+from common.weights import (
+    WeightsError, check_weights, expected_shapes, init_weights, load_weights_file, nhwc_flatten_permutation,
+    read_npz, save_weights,
+)
+
+
+def test_names_and_canonical_layouts():
+    shapes = expected_shapes(book_alexnet())
+    assert list(shapes) == [f"{layer}.{kind}" for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+                            for kind in ("weight", "bias")]
+    assert shapes["conv1.weight"] == (96, 1, 11, 11)
+    assert shapes["fc6.weight"] == (4096, 6400)
+    assert expected_shapes(paper_alexnet())["conv2.weight"] == (256, 48, 5, 5)  # in/groups
+
+
+def test_init_is_seeded_xavier_uniform_with_zero_bias():
+    a, b, c = init_weights(book_alexnet(), 1), init_weights(book_alexnet(), 1), init_weights(book_alexnet(), 2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["conv1.weight"], c["conv1.weight"])
+    conv2 = a["conv2.weight"]
+    limit = np.sqrt(6 / (96 * 25 + 256 * 25))
+    assert conv2.dtype == np.float32 and np.abs(conv2).max() <= limit
+    assert np.abs(conv2).max() > 0.99 * limit  # fills its range: uniform, not normal
+    assert conv2.std() == pytest.approx(limit / np.sqrt(3), rel=0.01)
+    assert all(not a[k].any() for k in a if k.endswith(".bias"))
+
+
+def test_save_load_round_trip(tmp_path):
+    weights = init_weights(book_alexnet().with_input(1, 65, 65), 0)
+    path = save_weights(tmp_path / "w.npz", weights)
+    loaded = load_weights_file(path, book_alexnet().with_input(1, 65, 65))
+    assert list(loaded) == list(weights) and all(np.array_equal(loaded[k], weights[k]) for k in weights)
+    assert [p.name for p in tmp_path.iterdir()] == ["w.npz"]  # no temporary file left behind
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    spec = book_alexnet().with_input(1, 65, 65)
+    weights = init_weights(spec, 0)
+    del weights["fc8.bias"]
+    weights["conv1.weight"] = weights["conv1.weight"][:, :, :5]
+    weights["fc7.weight"] = weights["fc7.weight"].astype(np.float64)
+    weights["extra.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(WeightsError) as error:
+        check_weights(spec, weights)
+    message = str(error.value)
+    assert "4 problem(s)" in message
+    assert "missing fc8.bias" in message and "unexpected extra.weight" in message
+    assert "conv1.weight: shape (96, 1, 5, 11), expected (96, 1, 11, 11)" in message
+    assert "fc7.weight: dtype float64, expected float32" in message
+
+
+def test_wrong_input_size_names_the_file(tmp_path):
+    path = save_weights(tmp_path / "w65.npz", init_weights(book_alexnet().with_input(1, 65, 65), 0))
+    with pytest.raises(WeightsError, match=r"(?s)w65.npz do not fit spec .book. with input 1x224x224.*fc6.weight: shape \(4096, 256\)"):
+        load_weights_file(path, book_alexnet())
+
+
+def test_pickle_inside_is_refused(tmp_path):
+    path = tmp_path / "evil.npz"
+    np.savez(path, **{"conv1.weight": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(WeightsError, match="refused, the file holds a pickled object"):
+        read_npz(path)
+    raw = tmp_path / "raw.npz"
+    raw.write_bytes(pickle.dumps({"conv1.weight": 1}))
+    with pytest.raises(WeightsError, match="raw.npz: refused, the file holds a pickled object"):
+        read_npz(raw)
+
+
+def test_truncated_file_and_missing_file(tmp_path):
+    path = save_weights(tmp_path / "w.npz", {"a": np.zeros(1000, np.float32)})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(WeightsError, match="w.npz: not a readable .npz"):
+        read_npz(path)
+    with pytest.raises(WeightsError, match="no such weights file"):
+        read_npz(tmp_path / "absent.npz")
+
+
+def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = save_weights(tmp_path / "w.npz", {"a": np.ones(3, np.float32)})
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_weights(path, {"a": np.zeros(3, np.float32)})
+    assert np.array_equal(read_npz(path)["a"], np.ones(3)) and len(list(tmp_path.iterdir())) == 1
+
+
+def test_nhwc_flatten_permutation():
+    spec = book_alexnet()
+    c, h, w = 256, 5, 5
+    x = np.random.default_rng(0).standard_normal((2, c, h, w))
+    perm = nhwc_flatten_permutation(spec)
+    assert np.array_equal(x.transpose(0, 2, 3, 1).reshape(2, -1), x.reshape(2, -1)[:, perm])
+    assert sorted(perm) == list(range(c * h * w))
