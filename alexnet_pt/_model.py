@@ -1,0 +1,224 @@
+"""The native PyTorch model: a builder that walks ``spec.layers``, plus weights in and out.
+
+Nothing here restates a layer size, padding or channel count: every number comes from the
+spec or from ``common.shapes``. Parameter names are the canonical ones (``conv1.weight``
+...), and the layouts are PyTorch's, which are the canonical layouts, so moving weights
+in and out is a plain copy.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import spec as S
+from common.backend import choose_device
+from common.shapes import conv_in_channels, dense_in_features
+from common.weights import DTYPE, WeightsError, check_arrays, init_weights, resolve_weights
+
+
+class AlexNet(nn.Sequential):
+    """``nn.Sequential`` of native modules named after the spec's layers (conv1 ... fc8).
+
+    ``model.spec`` is the :class:`common.spec.ModelSpec` it was built from.
+    """
+
+    def __init__(self, spec: S.ModelSpec, modules: "OrderedDict[str, nn.Module]"):
+        super().__init__(modules)
+        self.spec = spec
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.name!r}, input={'x'.join(map(str, self.spec.input_shape))}"
+
+
+def gpu_available() -> bool:
+    """Whether this PyTorch build sees a CUDA GPU."""
+    return bool(torch.cuda.is_available())
+
+
+def _torch_device(device: str) -> torch.device:
+    return torch.device("cuda" if choose_device(device, gpu_available(), "PyTorch") == "gpu" else "cpu")
+
+
+def _native_layer(layer, in_channels: dict[str, int], in_features: dict[str, int], device) -> nn.Module:
+    """One spec layer as a PyTorch module (parameters unallocated on ``device='meta'``)."""
+    if isinstance(layer, S.Conv2d):
+        return nn.Conv2d(in_channels[layer.name], layer.out_channels, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding, groups=layer.groups, bias=True, padding_mode="zeros", device=device)
+    if isinstance(layer, S.MaxPool2d):
+        return nn.MaxPool2d(layer.kernel_size, stride=layer.stride, padding=0, ceil_mode=False)
+    if isinstance(layer, S.ReLU):
+        return nn.ReLU()
+    if isinstance(layer, S.LocalResponseNorm):
+        # PyTorch's alpha is divided by size, the spec's convention: no conversion.
+        return nn.LocalResponseNorm(layer.size, alpha=layer.alpha, beta=layer.beta, k=layer.k)
+    if isinstance(layer, S.AdaptiveAvgPool2d):
+        return nn.AdaptiveAvgPool2d(layer.output_size)
+    if isinstance(layer, S.Flatten):
+        return nn.Flatten(start_dim=1)  # (C, H, W) order: the canonical one
+    if isinstance(layer, S.Dense):
+        return nn.Linear(in_features[layer.name], layer.out_features, bias=True, device=device)
+    if isinstance(layer, S.Dropout):
+        return nn.Dropout(layer.rate)
+    raise TypeError(f"alexnet_pt has no builder for layer kind {type(layer).__name__} ({layer!r})")
+
+
+def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, weights: Any = None,
+          seed: int = 0, device: str = "auto") -> AlexNet:
+    """A native ``nn.Module`` for ``spec`` (default: the book's AlexNet) on ``device``.
+
+    Parameters are set to ``weights`` (canonical mapping or .npz path) or to
+    ``common.weights.init_weights(spec, seed)``, so every backend starts from the same numbers.
+    """
+    spec = S.book_alexnet() if spec is None else spec
+    if not isinstance(spec, S.ModelSpec):
+        raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
+    if num_classes is not None:
+        spec = spec.with_num_classes(num_classes)
+    target = _torch_device(device)
+    # Checked before any tensor is allocated: a wrong file fails fast and cheaply.
+    canonical = resolve_weights(spec, weights) if weights is not None else init_weights(spec, seed)
+    in_channels, in_features = conv_in_channels(spec), dense_in_features(spec)
+    modules = OrderedDict((layer.name, _native_layer(layer, in_channels, in_features, "meta")) for layer in spec.layers)
+    # Built on the meta device and materialised uninitialised: PyTorch's own random init
+    # would be overwritten anyway, and skipping it leaves the global RNG untouched.
+    model = AlexNet(spec, modules).to_empty(device=target)
+    _copy_in(model, canonical)
+    model.eval()
+    return model
+
+
+def model_spec(model: AlexNet) -> S.ModelSpec:
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, S.ModelSpec):
+        raise TypeError(f"not a model built by alexnet_pt.build: {type(model).__name__}")
+    return spec
+
+
+def model_device(model: AlexNet) -> torch.device:
+    return next(model.parameters()).device
+
+
+def param_counts(model: AlexNet) -> dict[str, int]:
+    """Parameters per spec layer, counted from the native modules' own tensors."""
+    spec = model_spec(model)
+    children = dict(model.named_children())
+    return {layer.name: sum(p.numel() for p in children[layer.name].parameters()) for layer in spec.layers}
+
+
+def _parameters(model: AlexNet) -> dict[str, nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def _copy_in(model: AlexNet, canonical: dict[str, np.ndarray]) -> None:
+    params = _parameters(model)
+    if set(params) != set(canonical):  # pragma: no cover - build and check_weights share expected_shapes
+        raise WeightsError(f"model parameters {sorted(params)} do not match weights {sorted(canonical)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(canonical[name])))
+
+
+def load_weights(model: AlexNet, weights: Any) -> None:
+    """Set every parameter from canonical weights (mapping or .npz path), checked first."""
+    _copy_in(model, resolve_weights(model_spec(model), weights))
+
+
+def export_weights(model: AlexNet) -> dict[str, np.ndarray]:
+    """Canonical name -> float32 numpy copy (PyTorch's layout is the canonical one)."""
+    return {name: p.detach().cpu().numpy().astype(DTYPE, copy=True) for name, p in _parameters(model).items()}
+
+
+def as_input(model: AlexNet, x: Any) -> torch.Tensor:
+    """``x`` (numpy or tensor, NCHW) as a float32 tensor on the model's device, shape checked."""
+    spec = model_spec(model)
+    tensor = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=DTYPE))
+    if tensor.ndim != 4 or tuple(tensor.shape[1:]) != spec.input_shape:
+        raise ValueError(
+            f"this model takes NCHW input (N, {', '.join(map(str, spec.input_shape))}), got {tuple(tensor.shape)}; "
+            f"build it with spec.with_input(C, H, W) for another size"
+        )
+    return tensor.to(device=model_device(model), dtype=torch.float32, non_blocking=True)
+
+
+def as_labels(model: AlexNet, labels: Any) -> torch.Tensor:
+    tensor = labels if isinstance(labels, torch.Tensor) else torch.from_numpy(np.asarray(labels).astype(np.int64))
+    return tensor.to(device=model_device(model), dtype=torch.int64, non_blocking=True).reshape(-1)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().cpu().numpy()
+
+
+def forward(model: AlexNet, x: Any, *, training: bool = False, capture: bool = False):
+    """Logits (numpy); with ``capture``, also every spec layer's output (NCHW, or 2-D once flat)."""
+    inputs = as_input(model, x)
+    was_training = model.training
+    model.train(training)
+    try:
+        with torch.no_grad():
+            if not capture:
+                return _numpy(model(inputs))
+            activations: dict[str, np.ndarray] = {}
+            out = inputs
+            for name, module in model.named_children():
+                out = module(out)
+                activations[name] = _numpy(out)
+            return activations[model_spec(model).layers[-1].name].copy(), activations
+    finally:
+        model.train(was_training)
+
+
+def loss_and_grads(model: AlexNet, x: Any, labels: Any) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean softmax cross-entropy and d loss / d parameter (canonical names), in training mode."""
+    inputs, targets = as_input(model, x), as_labels(model, labels)
+    params = _parameters(model)
+    was_training = model.training
+    model.train(True)
+    try:
+        loss = F.cross_entropy(model(inputs), targets)
+        grads = torch.autograd.grad(loss, list(params.values()))
+    finally:
+        model.train(was_training)
+    return float(loss.item()), {name: _numpy(g).astype(DTYPE, copy=False) for name, g in zip(params, grads)}
+
+
+def save_native(model: AlexNet, path: str | os.PathLike) -> Path:
+    """PyTorch's own checkpoint: the state_dict via ``torch.save``, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_native(model: AlexNet, path: str | os.PathLike) -> None:
+    """Load a ``save_native`` checkpoint (``weights_only=True``: no pickled code runs).
+
+    Every name and shape is checked before the model is touched; a mismatch raises
+    ``WeightsError`` naming the file and each problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such checkpoint file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError, ...
+        raise WeightsError(f"{path}: not a loadable PyTorch state_dict checkpoint ({type(error).__name__}: "
+                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    check_arrays(model_spec(model), expected, state, source=str(path))
+    model.load_state_dict(state, strict=True)

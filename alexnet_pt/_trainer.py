@@ -1,0 +1,157 @@
+"""Training for the PyTorch backend: a plain module and ``torch.optim.SGD``.
+
+PyTorch's SGD *is* the project's reference rule (coupled L2 on every parameter, biases
+included; ``buf = momentum * buf + g``, ``buf = g`` on the first step; ``w -= lr * buf``),
+so the fast path and the reference are the same code.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.weights import DTYPE
+
+from ._model import AlexNet, _parameters, as_input, as_labels, model_device, model_spec
+
+_MOMENTUM = "momentum/"
+
+
+class Trainer:
+    """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
+
+    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.model = model
+        self.spec = model_spec(model)
+        self.device = model_device(model)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        self._params = _parameters(model)
+        self.optimizer = torch.optim.SGD(
+            list(self._params.values()), lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
+            dampening=0.0, nesterov=False,
+        )
+        self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Change the learning rate (e.g. a schedule) without touching the momentum buffers."""
+        if not value >= 0:
+            raise ValueError(f"lr must be >= 0, got {value!r}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(value)
+
+    # ------------------------------------------------------------------ data
+    def prepare(self, images: Any) -> torch.Tensor:
+        """uint8 (N, h, w) -> normalised float32 (N, 1, H, W) on the model's device.
+
+        The same arithmetic as ``common.data.preprocess`` (x / 255, ``R_h @ x @ R_w.T`` with
+        ``common.data.resize_matrix``, then ``(x - mean) / std``), done with torch's matmul
+        where the model lives; the resize matrices are cached as device tensors.
+        """
+        from common import data  # lazily: the data module is optional for inference-only use
+
+        if self.spec.in_channels != 1:
+            raise ValueError(
+                f"prepare makes 1-channel (grayscale) inputs, but spec {self.spec.name!r} takes "
+                f"{self.spec.in_channels} channels; build with spec.with_input(1, H, W) to train on Fashion-MNIST"
+            )
+        images = torch.as_tensor(images)
+        if images.dtype != torch.uint8 or images.ndim != 3:
+            raise ValueError(f"expected uint8 images of shape (N, h, w), got {images.dtype} {tuple(images.shape)}")
+        src = (int(images.shape[1]), int(images.shape[2]))
+        if src not in self._resize:
+            (height, width) = self.spec.input_size
+            self._resize[src] = tuple(
+                torch.from_numpy(data.resize_matrix(s, d)).to(self.device) for s, d in ((src[0], height), (src[1], width))
+            )
+        r_h, r_w = self._resize[src]
+        mean, std = float(data.NORMALIZE_MEAN), float(data.NORMALIZE_STD)
+        x = images.to(self.device, non_blocking=True).to(torch.float32) / 255.0
+        x = torch.matmul(torch.matmul(r_h, x), r_w.T)
+        return ((x - mean) / std).unsqueeze(1).contiguous()
+
+    # ----------------------------------------------------------------- steps
+    @contextlib.contextmanager
+    def _seeded(self, seed: int):
+        """Dropout draws inside depend only on ``seed``; the caller's RNG state is restored after."""
+        cuda = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+            torch.random.default_generator.manual_seed(int(seed))
+            for index in cuda:
+                torch.cuda.default_generators[index].manual_seed(int(seed))
+            yield
+
+    def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
+        """One SGD step on the batch; returns (mean loss, correct predictions before the step)."""
+        inputs, targets = as_input(self.model, x), as_labels(self.model, labels)
+        self.model.train(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._seeded(seed):
+            logits = self.model(inputs)
+        loss = F.cross_entropy(logits, targets)
+        loss.backward()
+        self.optimizer.step()
+        correct = (logits.detach().argmax(dim=1) == targets).sum()
+        return float(loss.item()), int(correct.item())
+
+    def eval_step(self, x: Any, labels: Any) -> tuple[float, int]:
+        """Inference mode; returns (summed cross-entropy, correct predictions)."""
+        inputs, targets = as_input(self.model, x), as_labels(self.model, labels)
+        self.model.train(False)
+        with torch.no_grad():
+            logits = self.model(inputs)
+            loss = F.cross_entropy(logits, targets, reduction="sum")
+            correct = (logits.argmax(dim=1) == targets).sum()
+        return float(loss.item()), int(correct.item())
+
+    # ------------------------------------------------------- optimizer state
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """``{"momentum/<param>": buffer}`` in canonical layout; empty when momentum is 0.
+
+        Before the first step the buffers are zeros, which is the same thing: PyTorch's
+        ``buf = g`` on the first step equals ``momentum * 0 + g``.
+        """
+        if self.momentum == 0.0:
+            return {}
+        state: dict[str, np.ndarray] = {}
+        for name, param in self._params.items():
+            buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
+            state[_MOMENTUM + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None
+                                       else buf.detach().cpu().numpy().astype(DTYPE, copy=True))
+        return state
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Set the momentum buffers from ``optimizer_state()`` output; checked completely first."""
+        state = dict(state)
+        if self.momentum == 0.0:
+            if state:
+                raise ValueError(f"this trainer has no momentum, but the state holds {sorted(state)[:3]}...")
+            return
+        expected = {_MOMENTUM + name: tuple(p.shape) for name, p in self._params.items()}
+        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        for key, shape in expected.items():
+            if key in state:
+                value = np.asarray(state[key])
+                if value.shape != shape:
+                    problems.append(f"{key}: shape {value.shape}, expected {shape}")
+                elif value.dtype != DTYPE:
+                    problems.append(f"{key}: dtype {value.dtype}, expected float32")
+        if problems:
+            raise ValueError(f"optimizer state does not fit this model ({len(problems)} problem(s)):\n  "
+                             + "\n  ".join(problems))
+        for name, param in self._params.items():
+            buf = torch.from_numpy(np.array(state[_MOMENTUM + name], dtype=DTYPE)).to(self.device)
+            self.optimizer.state[param]["momentum_buffer"] = buf
+
+
+def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer:
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)

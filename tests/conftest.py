@@ -1,0 +1,49 @@
+"""Shared fixtures: the same test runs for every backend.
+
+A backend whose framework is not installed is skipped with the reason, except where
+ALEXNET_REQUIRE_ALL_BACKENDS=1 (CI sets it): there a missing framework fails the run, so
+"none skipped in CI" is enforced rather than hoped for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.backend import BACKENDS, load_backend
+
+REQUIRE_ALL = os.environ.get("ALEXNET_REQUIRE_ALL_BACKENDS") == "1"
+REAL_DATA = Path(os.environ.get("ALEXNET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist"))
+
+
+def get_backend(name: str):
+    try:
+        return load_backend(name)
+    except ImportError as error:
+        if REQUIRE_ALL:
+            raise
+        pytest.skip(f"backend {name} unavailable: {error}")
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    return get_backend(request.param)
+
+
+@pytest.fixture
+def all_backends():
+    return [get_backend(name) for name in BACKENDS]
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test, printed so a failure can be replayed with ALEXNET_TEST_SEED."""
+    value = int(os.environ.get("ALEXNET_TEST_SEED", np.random.default_rng().integers(0, 2**31 - 1)))
+    print(f"\n{request.node.name}: seed {value} (replay with ALEXNET_TEST_SEED={value})")
+    return value
+
+
+def has_gpu(backend) -> bool:
+    return bool(backend.gpu_available())

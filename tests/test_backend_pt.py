@@ -1,0 +1,381 @@
+"""PyTorch-specific behaviour of alexnet_pt (the cross-backend parity suite lives elsewhere).
+
+Small on purpose (2 CPU cores): the book's smallest valid input, 1x67x67, and batch 2.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    import torch
+except ImportError as error:  # CI (ALEXNET_REQUIRE_ALL_BACKENDS=1) must not skip a backend
+    if os.environ.get("ALEXNET_REQUIRE_ALL_BACKENDS") == "1":
+        raise
+    pytest.skip(f"PyTorch unavailable: {error}", allow_module_level=True)
+
+import alexnet_pt as backend  # noqa: E402
+from common import shapes  # noqa: E402
+from common.backend import DeviceError  # noqa: E402
+from common.spec import book_alexnet, paper_alexnet  # noqa: E402
+from common.weights import WeightsError, init_weights, save_weights  # noqa: E402
+
+HAS_GPU = backend.gpu_available()
+SMALL = book_alexnet().with_input(1, 67, 67)
+BATCH = 2
+
+
+def batch(spec=SMALL, seed=0, n=BATCH):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, *spec.input_shape)).astype(np.float32), rng.integers(0, spec.num_classes, n)
+
+
+@pytest.fixture(scope="module")
+def _shared():
+    """One model for the module (building is the slow part); dropout off."""
+    m = backend.build(SMALL.with_dropout(0.0), seed=0, device="cpu")
+    return m, backend.export_weights(m)
+
+
+@pytest.fixture
+def model(_shared):
+    """The shared model, its weights reset to ``start`` for every test."""
+    m, weights = _shared
+    backend.load_weights(m, weights)
+    return m
+
+
+@pytest.fixture
+def start(_shared):
+    return _shared[1]
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(np.asarray(b, np.float64)), 1e-30))
+
+
+# ------------------------------------------------------------------- contract
+
+
+def test_contract_names():
+    assert (backend.NAME, backend.FRAMEWORK, backend.LAYOUT) == ("pt", "PyTorch", "NCHW")
+    for name in ("build", "model_spec", "forward", "param_counts", "load_weights", "export_weights",
+                 "loss_and_grads", "layer_summary", "make_trainer", "Trainer", "fit", "save_native",
+                 "load_native", "gpu_available"):
+        assert name in backend.__all__ and callable(getattr(backend, name)), name
+
+
+def test_missing_torch_names_the_extra():
+    code = "import sys; sys.modules['torch'] = None; import alexnet_pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "ImportError" in proc.stderr and "PyTorch is not installed" in proc.stderr
+    assert "alexnet-three[torch]" in proc.stderr
+
+
+def test_native_modules_named_after_the_spec(model):
+    assert [name for name, _ in model.named_children()] == [layer.name for layer in SMALL.layers]
+    assert isinstance(model.conv1, torch.nn.Conv2d) and isinstance(model.fc8, torch.nn.Linear)
+    assert model.conv1.padding == SMALL.layer("conv1").padding  # explicit, never 'same'
+    assert backend.model_spec(model) == SMALL.with_dropout(0.0)
+    assert list(model.state_dict()) == list(init_weights(SMALL))  # canonical names, same order
+
+
+def test_num_classes_and_default_spec():
+    m = backend.build(SMALL, num_classes=3, device="cpu")
+    assert backend.model_spec(m).num_classes == 3 and m.fc8.out_features == 3
+    assert backend.model_spec(m).input_shape == (1, 67, 67)
+
+
+# --------------------------------------------------------------------- device
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a GPU is present, so device='gpu' is valid here")
+def test_gpu_request_without_gpu_raises():
+    with pytest.raises(DeviceError, match="PyTorch sees no GPU"):
+        backend.build(SMALL, device="gpu")
+
+
+def test_unknown_device_raises():
+    with pytest.raises(DeviceError, match="device must be one of"):
+        backend.build(SMALL, device="tpu")
+
+
+def test_auto_device_is_cpu_without_gpu(model):
+    expected = "cuda" if HAS_GPU else "cpu"
+    m = backend.build(SMALL, device="auto")
+    assert {p.device.type for p in m.parameters()} == {expected}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible to PyTorch")
+def test_gpu_build_puts_parameters_on_gpu(model, start):
+    m = backend.build(SMALL.with_dropout(0.0), weights=start, device="gpu")
+    assert all(p.is_cuda for p in m.parameters())
+    x, y = batch()
+    np.testing.assert_allclose(backend.forward(m, x), backend.forward(model, x), rtol=1e-4, atol=1e-5)
+    trainer = backend.make_trainer(m, lr=0.01, momentum=0.9)
+    assert trainer.prepare(np.zeros((2, 28, 28), np.uint8)).is_cuda
+    trainer.train_step(trainer.prepare(np.zeros((2, 28, 28), np.uint8)), y, seed=0)
+    assert all(v.shape == start[k[len("momentum/"):]].shape for k, v in trainer.optimizer_state().items())
+
+
+# -------------------------------------------------------------------- weights
+
+
+def test_load_export_round_trip_is_bit_exact(model, tmp_path):
+    weights = init_weights(SMALL, seed=7)
+    backend.load_weights(model, weights)
+    out = backend.export_weights(model)
+    assert list(out) == list(weights)
+    for name, value in weights.items():
+        assert out[name].dtype == np.float32 and np.array_equal(out[name], value), name
+    path = save_weights(tmp_path / "w.npz", init_weights(SMALL, seed=8))
+    backend.load_weights(model, path)
+    assert all(np.array_equal(backend.export_weights(model)[k], v) for k, v in init_weights(SMALL, seed=8).items())
+    out["conv1.weight"][...] = 0  # an export is a copy, not a view of the parameters
+    assert not np.array_equal(backend.export_weights(model)["conv1.weight"], out["conv1.weight"])
+
+
+def _broken_weights(tmp_path):
+    good = init_weights(SMALL, seed=3)
+    missing = {k: v for k, v in good.items() if k != "fc8.bias"}
+    shape = {**good, "fc8.weight": np.zeros((11, 4096), np.float32)}
+    dtype = {**good, "conv2.weight": good["conv2.weight"].astype(np.float64)}
+    extra = {**good, "conv9.weight": np.zeros((1,), np.float32)}
+    not_npz = tmp_path / "junk.npz"
+    not_npz.write_bytes(b"not a zip file")
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, conv1=np.array([object()], dtype=object))
+    return [missing, shape, dtype, extra, not_npz, pickled, tmp_path / "absent.npz"]
+
+
+def test_bad_weights_change_nothing(model, start, tmp_path):
+    for bad in _broken_weights(tmp_path):
+        with pytest.raises(WeightsError):
+            backend.load_weights(model, bad)
+        after = backend.export_weights(model)
+        assert all(np.array_equal(after[k], v) for k, v in start.items())
+
+
+def test_build_with_bad_weights_raises(tmp_path):
+    with pytest.raises(WeightsError, match="fc8.weight"):
+        backend.build(SMALL, weights={**init_weights(SMALL), "fc8.weight": np.zeros((3, 4096), np.float32)})
+
+
+def test_native_checkpoint_round_trip(model, start, tmp_path):
+    path = backend.save_native(model, tmp_path / "model.pt")
+    other = backend.build(SMALL.with_dropout(0.0), seed=99, device="cpu")
+    backend.load_native(other, path)
+    assert all(np.array_equal(backend.export_weights(other)[k], v) for k, v in start.items())
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_native_checkpoint_mismatch_is_refused(model, start, tmp_path):
+    path = backend.save_native(backend.build(SMALL, num_classes=5, device="cpu"), tmp_path / "five.pt")
+    with pytest.raises(WeightsError, match=r"five\.pt.*\n.*fc8\.weight: shape \(5, 4096\), expected \(10, 4096\)"):
+        backend.load_native(model, path)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(WeightsError, match="garbage.pt"):
+        backend.load_native(model, garbage)
+    assert all(np.array_equal(backend.export_weights(model)[k], v) for k, v in start.items())
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_native_checkpoint_never_unpickles_code(model, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"conv1.weight": _Exploit(str(marker))}, path)
+    with pytest.raises(WeightsError, match="evil.pt"):
+        backend.load_native(model, path)
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------- forward
+
+
+def test_forward_and_capture_agree(model):
+    x, _ = batch()
+    logits = backend.forward(model, x)
+    captured, acts = backend.forward(model, x, capture=True)
+    assert np.array_equal(logits, captured)
+    assert list(acts) == [layer.name for layer in SMALL.layers]
+    assert np.array_equal(acts["fc8"], logits)
+    assert acts["flatten"].ndim == 2 and acts["fc6"].ndim == 2 and acts["pool5"].ndim == 4
+    assert not model.training
+
+
+def test_forward_rejects_wrong_input(model):
+    with pytest.raises(ValueError, match=r"with_input"):
+        backend.forward(model, np.zeros((2, 1, 96, 96), np.float32))
+
+
+def test_training_forward_uses_dropout():
+    m = backend.build(SMALL, seed=0, device="cpu")  # dropout 0.5
+    x, _ = batch()
+    assert np.array_equal(backend.forward(m, x), backend.forward(m, x))
+    assert not np.array_equal(backend.forward(m, x, training=True), backend.forward(m, x))
+
+
+def test_paper_variant_shapes_and_params():
+    spec = paper_alexnet().with_input(3, 67, 67)
+    m = backend.build(spec, device="cpu")
+    assert m.conv2.groups == 2 and isinstance(m.norm1, torch.nn.LocalResponseNorm)
+    assert m.norm1.alpha == spec.layer("norm1").alpha  # same convention, no conversion
+    rows = backend.layer_summary(m, (BATCH, 3, 67, 67), print_table=False)
+    expected = shapes.infer(spec, batch=BATCH, layout="NCHW")
+    assert [(r.name, r.shape, r.params) for r in rows] == [(e.name, e.shape, e.params) for e in expected]
+    assert backend.param_counts(m) == {e.name: e.params for e in expected}
+
+
+def test_lrn_matches_the_spec_formula():
+    spec = paper_alexnet().with_input(3, 67, 67)
+    m = backend.build(spec, device="cpu")
+    x = np.random.default_rng(1).normal(size=(1, 8, 4, 4)).astype(np.float64)
+    lrn = spec.layer("norm1")
+    padded = np.pad(x**2, ((0, 0), (lrn.size // 2,) * 2, (0, 0), (0, 0)))
+    window = sum(padded[:, i:i + x.shape[1]] for i in range(lrn.size))
+    expected = x / (lrn.k + lrn.alpha / lrn.size * window) ** lrn.beta
+    got = m.norm1(torch.from_numpy(x.astype(np.float32))).numpy()
+    assert rel_err(got, expected) < 1e-6
+
+
+# ------------------------------------------------------------------- training
+
+
+def test_one_sgd_step_moves_weights_by_lr_times_grad(model, start):
+    lr = 0.01
+    x, y = batch(seed=1)
+    loss, grads = backend.loss_and_grads(model, x, y)
+    trainer = backend.make_trainer(model, lr=lr)
+    step_loss, correct = trainer.train_step(torch.from_numpy(x), y, seed=0)
+    assert step_loss == pytest.approx(loss, rel=1e-6) and 0 <= correct <= BATCH
+    after = backend.export_weights(model)
+    for name, w0 in start.items():
+        # w0 - lr*g rounded to float32, as the stored weights are: against the float64 value,
+        # float32 rounding of w (|w| ~ 1e-2) alone is ~1e-5..1e-4 of a typical update lr*g here.
+        step = np.float32(lr) * grads[name]
+        expected = w0 - step
+        moved_wrong = np.linalg.norm(after[name].astype(np.float64) - expected)
+        assert moved_wrong <= 1e-5 * np.linalg.norm(step.astype(np.float64)), name
+    assert trainer.optimizer_state() == {}
+
+
+def test_momentum_and_weight_decay_follow_pytorch_sgd(model, start):
+    """PyTorch's rule re-implemented in numpy (float32 like the model), over two steps."""
+    lr, momentum, wd = np.float32(0.01), np.float32(0.9), np.float32(0.01)
+    trainer = backend.make_trainer(model, lr=float(lr), momentum=float(momentum), weight_decay=float(wd))
+    assert all(not v.any() for v in trainer.optimizer_state().values())  # zeros before the first step
+    w = dict(start)
+    buf: dict[str, np.ndarray] = {}
+    for step in range(2):
+        x, y = batch(seed=10 + step)
+        _, grads = backend.loss_and_grads(model, x, y)
+        for name in w:
+            g = grads[name] + wd * w[name]  # coupled L2, biases included
+            buf[name] = g if step == 0 else momentum * buf[name] + g  # buf = g on the first step
+            w[name] = w[name] - lr * buf[name]
+        trainer.train_step(x, y, seed=step)
+    after, state = backend.export_weights(model), trainer.optimizer_state()
+    assert set(state) == {f"momentum/{k}" for k in start}
+    for name, w0 in start.items():
+        moved, expected = after[name].astype(np.float64) - w0, w[name].astype(np.float64) - w0
+        assert np.linalg.norm(moved - expected) <= 1e-5 * np.linalg.norm(expected), name
+        assert rel_err(state[f"momentum/{name}"], buf[name]) < 1e-5, name
+
+
+def test_optimizer_state_round_trip_resumes_exactly(model, start):
+    x, y = batch(seed=4)
+    first = backend.make_trainer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    first.train_step(x, y, seed=0)
+    mid_weights, mid_state = backend.export_weights(model), first.optimizer_state()
+    first.train_step(x, y, seed=1)
+    uninterrupted = backend.export_weights(model)
+
+    backend.load_weights(model, mid_weights)
+    resumed = backend.make_trainer(model, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    with pytest.raises(ValueError, match="momentum/conv1.weight"):
+        resumed.load_optimizer_state({k: v for k, v in mid_state.items() if k != "momentum/conv1.weight"})
+    resumed.load_optimizer_state(mid_state)
+    resumed.train_step(x, y, seed=1)
+    assert all(np.array_equal(backend.export_weights(model)[k], v) for k, v in uninterrupted.items())
+    with pytest.raises(ValueError, match="no momentum"):
+        backend.make_trainer(model, lr=0.01).load_optimizer_state(mid_state)
+
+
+def test_train_step_dropout_depends_only_on_seed():
+    spec = SMALL  # dropout 0.5 on
+    x, y = batch(seed=2)
+    results = []
+    for seed in (5, 5, 6):
+        m = backend.build(spec, seed=0, device="cpu")
+        rng_before = torch.get_rng_state()
+        torch.rand(3)  # whatever the caller did with the global RNG must not matter
+        loss, correct = backend.make_trainer(m, lr=0.01).train_step(x, y, seed=seed)
+        results.append((loss, correct, backend.export_weights(m)))
+        assert not torch.equal(torch.get_rng_state(), rng_before)  # the caller's stream moved on ...
+    (l1, c1, w1), (l2, c2, w2), (l3, _, w3) = results
+    assert (l1, c1) == (l2, c2) and all(np.array_equal(w1[k], w2[k]) for k in w1)
+    assert l1 != l3 and not np.array_equal(w1["fc7.weight"], w3["fc7.weight"])
+
+
+def test_train_step_restores_callers_rng(model):
+    x, y = batch()
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    backend.make_trainer(model, lr=0.0).train_step(x, y, seed=9)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_eval_step_sums_loss(model):
+    x, y = batch(seed=3)
+    trainer = backend.make_trainer(model, lr=0.01)
+    total, correct = trainer.eval_step(x, y)
+    mean_loss, _ = backend.loss_and_grads(model, x, y)  # dropout is off: same logits
+    assert total == pytest.approx(BATCH * mean_loss, rel=1e-5)
+    logits = backend.forward(model, x)
+    assert correct == int((logits.argmax(1) == y).sum())
+
+
+def test_prepare_matches_common_preprocess(model):
+    data = pytest.importorskip("common.data")
+    if not hasattr(data, "preprocess") or not hasattr(data, "resize_matrix"):
+        pytest.skip("common.data has no preprocess/resize_matrix yet")
+    images = np.random.default_rng(0).integers(0, 256, size=(BATCH, 28, 28), dtype=np.uint8)
+    trainer = backend.make_trainer(model, lr=0.01)
+    got = trainer.prepare(images)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.device == next(model.parameters()).device
+    expected = data.preprocess(images, SMALL.input_size)
+    assert tuple(got.shape) == expected.shape == (BATCH, 1, 67, 67)
+    assert float(np.abs(got.cpu().numpy() - expected).max()) < 1e-5
+    assert len(trainer._resize) == 1 and trainer.prepare(images).shape == got.shape  # cached matrices reused
+    with pytest.raises(ValueError, match="uint8"):
+        trainer.prepare(images.astype(np.float32))
+
+
+def test_lr_can_change_between_steps(model, start):
+    trainer = backend.make_trainer(model, lr=0.01, momentum=0.9)
+    assert trainer.lr == pytest.approx(0.01)
+    trainer.lr = 0.0
+    x, y = batch()
+    trainer.train_step(x, y, seed=0)
+    assert all(np.array_equal(backend.export_weights(model)[k], v) for k, v in start.items())
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        trainer.lr = -1.0
