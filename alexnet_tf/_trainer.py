@@ -1,0 +1,176 @@
+"""SGD with PyTorch's semantics as one compiled TensorFlow step.
+
+``torch.optim.SGD``: g = grad + weight_decay * w (coupled L2, every parameter, biases too);
+buf = momentum * buf + g (buf = g on the first step); w -= lr * buf. Keras' own SGD differs
+(velocity = momentum * v - lr * g, decoupled weight decay), so the update is written out
+here, inside the same ``tf.function`` as the forward and backward pass.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from common.weights import expected_shapes
+
+from ._framework import tf
+from ._model import compile_fn, correct_count, cross_entropy, device_of, input_signature, params, run, spec_of
+
+# The train step is compiled with XLA (jit_compile=True) because that makes it deterministic:
+# on CPU, TensorFlow's oneDNN kernels (conv weight gradients, measured on conv1-conv4) and
+# even its plain Eigen kernels (BiasAddGrad, with TF_ENABLE_ONEDNN_OPTS=0) round differently
+# from run to run depending on thread scheduling, so two runs from the same weights and seeds
+# drifted apart in the last bits within a few steps and a resumed run did not repeat an
+# uninterrupted one. Under XLA, 8 repeated 5-step runs were bit-identical. Cost, measured on
+# 2 shared CPU cores (batch 32, momentum + weight decay): 1x67x67 about 10% faster with XLA,
+# 1x96x96 equal, 1x112x112 (batch 64) and 1x224x224 about 15% slower; the first step
+# compiles for 2-3 s. Evaluation changes no state, so it keeps the plain graph (faster).
+JIT_TRAIN = True
+JIT_EVAL = False
+
+
+class Trainer:
+    """One model's SGD state and compiled steps (see ``common.backend.Trainer``)."""
+
+    def __init__(self, model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 jit_compile: bool | None = None):
+        for what, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{what} must be a number >= 0, got {value!r}")
+        self.model = model
+        self.spec = spec_of(model)
+        self.device = device_of(model)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self._params = params(model)
+        self._variables = [p.variable for p in self._params]
+        with tf.device(self.device):
+            self._lr = tf.Variable(float(lr), dtype=tf.float32, trainable=False, name="lr")
+            self._buffers = [
+                tf.Variable(tf.zeros(p.variable.shape, tf.float32), trainable=False, name=f"momentum_{i}")
+                for i, p in enumerate(self._params)
+            ] if self.momentum else []
+        self._resize_cache: dict[tuple[int, int], tuple] = {}
+        x_spec = input_signature(self.spec)
+        y_spec = tf.TensorSpec((None,), tf.int64)
+        self._train = compile_fn(self._train_fn, input_signature=[x_spec, y_spec, tf.TensorSpec((), tf.int64)],
+                                 jit_compile=JIT_TRAIN if jit_compile is None else bool(jit_compile))
+        self._eval = compile_fn(self._eval_fn, input_signature=[x_spec, y_spec], jit_compile=JIT_EVAL)
+
+    # ----------------------------------------------------------------- hyper-parameters
+    @property
+    def lr(self) -> float:
+        return float(self._lr.numpy())
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Change the learning rate without retracing the compiled step."""
+        if value < 0:
+            raise ValueError(f"lr must be >= 0, got {value!r}")
+        self._lr.assign(float(value))
+
+    # ---------------------------------------------------------------- compiled bodies
+    def _train_fn(self, x, labels, seed):
+        with tf.device(self.device):
+            with tf.GradientTape() as tape:
+                logits = run(self.model, x, training=True, seed=seed)
+                loss = tf.reduce_mean(cross_entropy(logits, labels))
+            grads = tape.gradient(loss, self._variables)
+            lr = self._lr
+            for index, (variable, grad) in enumerate(zip(self._variables, grads)):
+                if self.weight_decay:
+                    grad = grad + self.weight_decay * variable.value
+                if self.momentum:
+                    buffer = self._buffers[index]
+                    buffer.assign(self.momentum * buffer + grad)
+                    grad = buffer.read_value()
+                variable.assign_sub(lr * grad)
+            return loss, correct_count(logits, labels)
+
+    def _eval_fn(self, x, labels):
+        with tf.device(self.device):
+            logits = run(self.model, x, training=False)
+            return tf.reduce_sum(cross_entropy(logits, labels)), correct_count(logits, labels)
+
+    # ------------------------------------------------------------------- the protocol
+    def _labels(self, labels):
+        with tf.device(self.device):
+            return tf.convert_to_tensor(np.asarray(labels, dtype=np.int64))
+
+    def _input(self, x):
+        if isinstance(x, tf.Tensor) and x.dtype == tf.float32:
+            return x
+        with tf.device(self.device):
+            return tf.convert_to_tensor(np.asarray(x, dtype=np.float32))
+
+    def _resize_matrices(self, src_h: int, src_w: int):
+        key = (src_h, src_w)
+        if key not in self._resize_cache:
+            from common.data import resize_matrix
+
+            height, width = self.spec.input_size
+            with tf.device(self.device):
+                self._resize_cache[key] = (
+                    tf.constant(resize_matrix(src_h, height)),
+                    tf.constant(resize_matrix(src_w, width)),
+                )
+        return self._resize_cache[key]
+
+    def prepare(self, images: np.ndarray):
+        """uint8 (N, h, w) -> float32 (N, H, W, C) on the model's device, as common.data.preprocess
+        (scale, bilinear resize by matrices, normalise) but with TensorFlow's matmul; a grey image
+        is repeated over the channels when the spec takes more than one."""
+        from common.data import NORMALIZE_MEAN, NORMALIZE_STD
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise ValueError(f"expected uint8 images of shape (N, h, w), got {images.dtype} {images.shape}")
+        rows, cols = self._resize_matrices(images.shape[1], images.shape[2])
+        with tf.device(self.device):
+            x = tf.cast(tf.convert_to_tensor(images), tf.float32) / tf.constant(255.0, tf.float32)
+            x = tf.einsum("Hh,nhw->nHw", rows, x)
+            x = tf.einsum("nHw,Ww->nHW", x, cols)
+            x = (x - tf.constant(NORMALIZE_MEAN, tf.float32)) / tf.constant(NORMALIZE_STD, tf.float32)
+            x = x[..., None]
+            if self.spec.in_channels != 1:
+                x = tf.tile(x, (1, 1, 1, self.spec.in_channels))
+            return x
+
+    def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
+        loss, correct = self._train(self._input(x), self._labels(labels), tf.constant(int(seed), tf.int64))
+        return float(loss), int(correct)
+
+    def eval_step(self, x, labels) -> tuple[float, int]:
+        loss, correct = self._eval(self._input(x), self._labels(labels))
+        return float(loss), int(correct)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        if not self.momentum:
+            return {}
+        return {f"momentum/{p.name}": p.to_canonical(buffer.numpy()) for p, buffer in zip(self._params, self._buffers)}
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Momentum buffers by canonical name and layout; all of them or none (none: start
+        afresh, as PyTorch's SGD does before its first step). Checked before anything is set."""
+        state = dict(state)
+        if not self.momentum:
+            if state:
+                raise ValueError(f"this trainer has no momentum, so it keeps no optimizer state; got {sorted(state)}")
+            return
+        if not state:
+            for buffer in self._buffers:
+                buffer.assign(tf.zeros_like(buffer))
+            return
+        expected = {f"momentum/{name}": shape for name, shape in expected_shapes(self.spec).items()}
+        problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in state]
+        problems += [f"unexpected {name}" for name in state if name not in expected]
+        problems += [
+            f"{name}: shape {np.shape(state[name])}, expected {shape}"
+            for name, shape in expected.items() if name in state and tuple(np.shape(state[name])) != shape
+        ]
+        if problems:
+            raise ValueError(f"optimizer state does not fit this model ({len(problems)} problem(s)):\n  "
+                             + "\n  ".join(problems))
+        native = [p.to_native(np.asarray(state[f"momentum/{p.name}"], np.float32)) for p in self._params]
+        for buffer, value in zip(self._buffers, native):
+            buffer.assign(value)
