@@ -1,0 +1,283 @@
+"""The spec turned into a Gluon HybridBlock, and everything that reads or writes its weights."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from common.backend import choose_device
+from common.shapes import conv_in_channels, dense_in_features
+from common.spec import (
+    AdaptiveAvgPool2d,
+    Conv2d,
+    Dense,
+    Dropout,
+    Flatten,
+    LocalResponseNorm,
+    MaxPool2d,
+    ModelSpec,
+    ReLU,
+    book_alexnet,
+)
+from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
+
+from ._framework import mx
+
+gluon = mx.gluon
+nn = mx.gluon.nn
+FRAMEWORK = "MXNet"
+
+
+def gpu_available() -> bool:
+    """True when this MXNet build sees at least one GPU."""
+    try:
+        return mx.context.num_gpus() > 0
+    except mx.base.MXNetError:  # CPU-only builds may raise instead of answering 0
+        return False
+
+
+# ------------------------------------------------------------------ blocks
+
+
+class _LocalResponseNorm(gluon.HybridBlock):
+    """Across-channel LRN. MXNet's LRN divides alpha by nsize inside the sum, as PyTorch's does
+    (b = a / (k + alpha/n * sum a^2)^beta, checked numerically in tests), so the spec's alpha
+    goes in unchanged."""
+
+    def __init__(self, layer: LocalResponseNorm, **kwargs):
+        super().__init__(**kwargs)
+        self._args = dict(alpha=float(layer.alpha), beta=float(layer.beta), knorm=float(layer.k), nsize=layer.size)
+
+    def hybrid_forward(self, F, x):
+        return F.LRN(x, **self._args)
+
+
+class _AdaptiveAvgPool2d(gluon.HybridBlock):
+    def __init__(self, layer: AdaptiveAvgPool2d, **kwargs):
+        super().__init__(**kwargs)
+        self._output_size = tuple(layer.output_size)
+
+    def hybrid_forward(self, F, x):
+        return F.contrib.AdaptiveAvgPooling2D(x, output_size=self._output_size)
+
+
+def _make_block(layer, in_channels: dict[str, int], fan_in: dict[str, int]):
+    """One Gluon block for one spec layer; every size comes from the spec or common.shapes."""
+    prefix = f"{layer.name}_"
+    if isinstance(layer, Conv2d):
+        return nn.Conv2D(
+            layer.out_channels, layer.kernel_size, strides=layer.stride, padding=layer.padding,
+            groups=layer.groups, in_channels=in_channels[layer.name], layout="NCHW", prefix=prefix,
+        )
+    if isinstance(layer, MaxPool2d):
+        return nn.MaxPool2D(pool_size=layer.kernel_size, strides=layer.stride, padding=0, prefix=prefix)
+    if isinstance(layer, ReLU):
+        return nn.Activation("relu", prefix=prefix)
+    if isinstance(layer, LocalResponseNorm):
+        return _LocalResponseNorm(layer, prefix=prefix)
+    if isinstance(layer, AdaptiveAvgPool2d):
+        return _AdaptiveAvgPool2d(layer, prefix=prefix)
+    if isinstance(layer, Flatten):  # (C, H, W) order: Gluon's Flatten is NCHW, as the spec's
+        return nn.Flatten(prefix=prefix)
+    if isinstance(layer, Dense):  # the input is already 2-D: the spec's Flatten is the only flatten
+        return nn.Dense(layer.out_features, in_units=fan_in[layer.name], flatten=False, prefix=prefix)
+    if isinstance(layer, Dropout):
+        return nn.Dropout(layer.rate, prefix=prefix)
+    raise TypeError(f"alexnet_mx has no block for spec layer {type(layer).__name__} ({layer!r})")
+
+
+class AlexNet(gluon.HybridBlock):
+    """A spec's layers as named children (``conv1`` ... ``fc8``), applied in order.
+
+    Children are registered under the spec's layer names, so the Gluon parameter names are
+    ``conv1_weight`` and the structural names in a ``.params`` file are ``conv1.weight``.
+    """
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__(prefix="")
+        self.spec = spec
+        in_channels, fan_in = conv_in_channels(spec), dense_in_features(spec)
+        self.layer_blocks: list[tuple[str, gluon.HybridBlock]] = []
+        with self.name_scope():
+            for layer in spec.layers:
+                block = _make_block(layer, in_channels, fan_in)
+                self.register_child(block, layer.name)
+                self.layer_blocks.append((layer.name, block))
+
+    @property
+    def ctx(self):
+        return next(iter(self.collect_params().values())).list_ctx()[0]
+
+    def hybrid_forward(self, F, x):
+        for _, block in self.layer_blocks:
+            x = block(x)
+        return x
+
+    def weighted(self):
+        """(spec layer name, block) of every layer that holds parameters, in model order."""
+        weighted = {layer.name for layer in self.spec.weighted_layers()}
+        return [(name, block) for name, block in self.layer_blocks if name in weighted]
+
+
+def _check_model(model) -> AlexNet:
+    if not isinstance(model, AlexNet):
+        raise TypeError(f"expected a model from alexnet_mx.build(), got {type(model).__name__}")
+    return model
+
+
+# ------------------------------------------------------------------ public functions
+
+
+def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None, seed: int = 0,
+          device: str = "auto") -> AlexNet:
+    """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``."""
+    spec = book_alexnet() if spec is None else spec
+    if num_classes is not None:
+        spec = spec.with_num_classes(num_classes)
+    where = choose_device(device, gpu_available(), FRAMEWORK)
+    ctx = mx.gpu(0) if where == "gpu" else mx.cpu()
+    canonical = resolve_weights(spec, init_weights(spec, seed) if weights is None else weights)
+    model = AlexNet(spec)
+    model.initialize(mx.init.Zero(), ctx=ctx)  # every shape is known: nothing is deferred
+    _set_weights(model, canonical)
+    model.hybridize(static_alloc=True, static_shape=True)
+    return model
+
+
+def model_spec(model) -> ModelSpec:
+    return _check_model(model).spec
+
+
+def _to_input(model: AlexNet, x) -> "mx.nd.NDArray":
+    if isinstance(x, mx.nd.NDArray):
+        x = x.as_in_context(model.ctx)
+        return x if x.dtype == np.float32 else x.astype("float32")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or tuple(x.shape[1:]) != model.spec.input_shape:
+        raise ValueError(
+            f"this model takes NCHW input (N, {', '.join(map(str, model.spec.input_shape))}), got {tuple(x.shape)}; "
+            f"build it with spec.with_input(...) for another size"
+        )
+    return mx.nd.array(x, ctx=model.ctx, dtype="float32")
+
+
+def forward(model, x, *, training: bool = False, capture: bool = False):
+    """Logits as numpy; with capture=True, (logits, {layer name: NCHW or 2-D output}).
+
+    capture runs the layers one by one, and the logits are the last layer's output, so both
+    paths agree exactly with the whole hybridized graph (checked in tests).
+    """
+    model = _check_model(model)
+    data = _to_input(model, x)
+    scope = mx.autograd.train_mode() if training else mx.autograd.predict_mode()
+    with scope:
+        if not capture:
+            return model(data).asnumpy()
+        activations = {}
+        for name, block in model.layer_blocks:
+            data = block(data)
+            activations[name] = data.asnumpy()
+    return activations[model.layer_blocks[-1][0]], activations
+
+
+def param_counts(model) -> dict[str, int]:
+    """Parameters per spec layer (0 for layers without any), counted from the Gluon parameters."""
+    model = _check_model(model)
+    return {
+        name: int(sum(int(np.prod(p.shape)) for p in block.collect_params().values()))
+        for name, block in model.layer_blocks
+    }
+
+
+def _canonical_params(model: AlexNet) -> dict[str, "gluon.Parameter"]:
+    """Canonical name -> Gluon parameter. Gluon's layouts are the canonical ones: conv (O, I/g, kH, kW),
+    dense (out, in) with NCHW-flattened input columns, so no transposes or permutations."""
+    params = {}
+    for name, block in model.weighted():
+        params[f"{name}.weight"] = block.weight
+        params[f"{name}.bias"] = block.bias
+    return params
+
+
+def _set_weights(model: AlexNet, canonical: dict[str, np.ndarray]) -> None:
+    ctx = model.ctx
+    for name, param in _canonical_params(model).items():
+        param.set_data(mx.nd.array(canonical[name], ctx=ctx, dtype="float32"))
+
+
+def load_weights(model, weights) -> None:
+    """Set every parameter from canonical weights (mapping or .npz path), checked before anything changes."""
+    model = _check_model(model)
+    canonical = resolve_weights(model.spec, weights)
+    _set_weights(model, canonical)
+
+
+def export_weights(model) -> dict[str, np.ndarray]:
+    model = _check_model(model)
+    return {name: param.data().asnumpy().astype(np.float32, copy=False)
+            for name, param in _canonical_params(model).items()}
+
+
+def _labels(labels, ctx) -> "mx.nd.NDArray":
+    if isinstance(labels, mx.nd.NDArray):
+        return labels.as_in_context(ctx).astype("float32")
+    return mx.nd.array(np.asarray(labels), ctx=ctx, dtype="float32")
+
+
+def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
+    """Mean softmax cross-entropy and its gradients (canonical names and layout), in training mode."""
+    model = _check_model(model)
+    data, target = _to_input(model, x), _labels(labels, model.ctx)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    with mx.autograd.record(train_mode=True):
+        loss = loss_fn(model(data), target).mean()
+    loss.backward()
+    grads = {name: param.grad().asnumpy() for name, param in _canonical_params(model).items()}
+    return float(loss.asscalar()), grads
+
+
+# ------------------------------------------------------------------ native checkpoints
+
+
+def save_native(model, path) -> Path:
+    """Gluon's own ``.params`` format (``save_parameters``), written atomically."""
+    model = _check_model(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        model.save_parameters(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_native(model, path) -> None:
+    """Read a ``.params`` file from ``save_native``; every name and shape is checked before any is set."""
+    model = _check_model(model)
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such Gluon .params file")
+    try:
+        loaded = mx.nd.load(str(path))
+    except mx.base.MXNetError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise WeightsError(f"{path}: not a readable MXNet .params file ({first})") from None
+    if not isinstance(loaded, dict):
+        raise WeightsError(f"{path}: holds unnamed arrays, not a Gluon .params file from save_parameters")
+    expected = model._collect_params_with_prefix()
+    check_arrays(model.spec, {name: tuple(p.shape) for name, p in expected.items()}, loaded, source=str(path))
+    ctx = model.ctx
+    for name, param in expected.items():
+        param.set_data(loaded[name].as_in_context(ctx))
+
+
+__all__ = [
+    "AlexNet", "build", "export_weights", "forward", "gpu_available", "load_native",
+    "load_weights", "loss_and_grads", "model_spec", "param_counts", "save_native",
+]

@@ -1,0 +1,166 @@
+"""Training with Gluon's own fast path: the hybridized net, per-example loss, ``gluon.Trainer``.
+
+One step equals PyTorch's ``torch.optim.SGD`` on the batch-mean loss:
+
+* Gluon losses are per example and ``Trainer.step(batch_size)`` rescales the summed
+  gradient by 1/batch_size, so the gradient is the batch-mean loss's gradient.
+* Weight decay is coupled L2 on every parameter, biases too (Gluon parameters have
+  wd_mult 1; the symbolic-API default that exempts biases does not apply to Gluon).
+* Momentum: Gluon's own SGD keeps ``mom = momentum * mom - lr * (grad + wd * w)`` and does
+  ``w += mom``; PyTorch keeps ``buf = momentum * buf + (grad + wd * w)`` and does
+  ``w -= lr * buf``. With a constant lr these are the same recursion with ``mom = -lr * buf``,
+  but converting a float32 ``mom`` to ``buf`` and back is not exact, so a run resumed from a
+  checkpoint would drift from the uninterrupted one by an ulp. :class:`_PyTorchSGD` therefore
+  keeps PyTorch's ``buf`` itself, updated with MXNet's fused kernels (two per parameter),
+  and the checkpointed state is exactly the optimizer's state.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from ._framework import mx
+from ._net import AlexNet, _canonical_params, _check_model, _labels, _to_input
+
+gluon = mx.gluon
+_PREFIX = "momentum/"
+
+
+class _PyTorchSGD(mx.optimizer.Optimizer):
+    """``torch.optim.SGD`` (no dampening, no Nesterov) as an MXNet optimizer; state: PyTorch's ``buf``."""
+
+    def __init__(self, momentum: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.momentum = momentum
+
+    def create_state(self, index, weight):
+        # zeros act as PyTorch's missing buffer: momentum * 0 + g == g exactly on the first step
+        return mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype) if self.momentum else None
+
+    def update(self, index, weight, grad, state):
+        self._update_count(index)
+        lr, wd = self._get_lr(index), self._get_wd(index)
+        if state is None:  # w = w - lr * (rescale * grad + wd * w), fused
+            mx.nd.sgd_update(weight, grad, lr=lr, wd=wd, rescale_grad=self.rescale_grad, out=weight)
+            return
+        # buf = momentum * buf + (rescale * grad + wd * w): sgd_mom_update with lr = -1 computes exactly
+        # this in place of its momentum argument (mom = momentum * mom - lr * (wd * w + rescale * grad)).
+        # Its other output, w + buf, goes over the spent gradient and is not used.
+        mx.nd.sgd_mom_update(weight, grad, state, lr=-1.0, momentum=self.momentum, wd=wd,
+                             rescale_grad=self.rescale_grad, out=grad)
+        # w = w - lr * buf
+        mx.nd.sgd_update(weight, state, lr=lr, wd=0.0, rescale_grad=1.0, out=weight)
+
+
+class Trainer:
+    """One model's gluon.Trainer and steps; semantics of the contract's Trainer protocol."""
+
+    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+        self.model = _check_model(model)
+        if lr <= 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
+        optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=self.lr, wd=self.weight_decay)
+        # one device: no kvstore, updates run locally through the updater, whose states we read
+        self._trainer = gluon.Trainer(model.collect_params(), optimizer, kvstore=None)
+        index = {id(p): i for i, p in enumerate(self._trainer._params)}
+        self._index = {name: index[id(p)] for name, p in _canonical_params(model).items()}
+        self._resize: dict[tuple[int, int], tuple] = {}
+
+    # ------------------------------------------------------------ data
+
+    def prepare(self, images) -> "mx.nd.NDArray":
+        """uint8 (N, h, w) -> float32 (N, 1, H, W) on the model's device, as ``common.data.preprocess``:
+        x / 255, then ``R_h @ x @ R_w.T`` with common's matrices (cached on the device), then normalise."""
+        from common.data import NORMALIZE_MEAN, NORMALIZE_STD, resize_matrix
+
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 3:
+            raise ValueError(f"expected uint8 images of shape (N, h, w), got {images.dtype} {images.shape}")
+        ctx, (height, width) = self.model.ctx, self.model.spec.input_size
+        n, src_h, src_w = images.shape
+        if (src_h, src_w) not in self._resize:
+            self._resize[(src_h, src_w)] = (
+                mx.nd.array(resize_matrix(src_h, height), ctx=ctx, dtype="float32"),
+                mx.nd.array(resize_matrix(src_w, width).T, ctx=ctx, dtype="float32"),
+            )
+        r_h, r_w_t = self._resize[(src_h, src_w)]
+        x = mx.nd.array(images, ctx=ctx, dtype="uint8").astype("float32") / np.float32(255.0)
+        x = mx.nd.batch_dot(r_h.expand_dims(0).broadcast_to((n, height, src_h)), x)  # (N, H, w)
+        x = mx.nd.dot(x, r_w_t)  # (N, H, W)
+        x = (x - np.float32(NORMALIZE_MEAN)) / np.float32(NORMALIZE_STD)
+        return x.expand_dims(1)
+
+    # ------------------------------------------------------------ steps
+
+    def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
+        """One SGD step on the batch-mean loss; dropout masks are a function of ``seed`` only."""
+        data, target = _to_input(self.model, x), _labels(labels, self.model.ctx)
+        mx.random.seed(int(seed))  # every context: the dropout masks of this step depend on seed alone
+        with mx.autograd.record(train_mode=True):
+            logits = self.model(data)
+            loss = self._loss(logits, target)  # per example
+        loss.backward()
+        self._trainer.step(data.shape[0])  # rescales the summed gradient by 1/batch
+        correct = (logits.argmax(axis=1) == target).sum()
+        return float(loss.mean().asscalar()), int(correct.asscalar())
+
+    def eval_step(self, x, labels) -> tuple[float, int]:
+        """Inference mode; (summed loss, correct predictions)."""
+        data, target = _to_input(self.model, x), _labels(labels, self.model.ctx)
+        with mx.autograd.predict_mode():
+            logits = self.model(data)
+            loss = self._loss(logits, target).sum()
+        correct = (logits.argmax(axis=1) == target).sum()
+        return float(loss.asscalar()), int(correct.asscalar())
+
+    # ------------------------------------------------------------ optimizer state
+
+    def _updater(self):
+        return self._trainer._updaters[0]
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """``{"momentum/<name>": PyTorch's buf}`` in canonical layout; empty without momentum.
+
+        Before the first step the buffers are zeros (PyTorch has none yet; a zero buffer
+        gives the same first step, buf = g)."""
+        if self.momentum == 0.0:
+            return {}
+        states, params = self._updater().states, _canonical_params(self.model)
+        result = {}
+        for name, i in self._index.items():
+            state = states.get(i)
+            if state is None:
+                result[_PREFIX + name] = np.zeros(params[name].shape, np.float32)
+            else:
+                result[_PREFIX + name] = state.asnumpy()
+        return result
+
+    def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Set the momentum buffers from ``optimizer_state()``'s format; checked in full first."""
+        state = dict(state)
+        params = _canonical_params(self.model)
+        expected = {} if self.momentum == 0.0 else {_PREFIX + n: tuple(p.shape) for n, p in params.items()}
+        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [
+            f"{k}: shape {tuple(np.shape(state[k]))}, expected {s}"
+            for k, s in expected.items() if k in state and tuple(np.shape(state[k])) != s
+        ]
+        if problems:
+            raise ValueError(
+                f"optimizer state does not fit this trainer (momentum {self.momentum}) "
+                f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
+            )
+        updater, ctx = self._updater(), self.model.ctx
+        for name, i in self._index.items():
+            key = _PREFIX + name
+            if key in state:
+                updater.states[i] = mx.nd.array(np.asarray(state[key], np.float32), ctx=ctx, dtype="float32")
+                updater.states_synced[i] = True
+
+
+def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer:
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
