@@ -1,0 +1,93 @@
+"""The `alexnet` command as a user runs it: output, exit codes, one-line errors."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common.cli import main
+from common.spec import book_alexnet
+from common.weights import init_weights, read_npz, save_weights
+from tests.conftest import REAL_DATA
+
+
+def run(*args):
+    """The command in a fresh interpreter, as from a shell."""
+    return subprocess.run([sys.executable, "-m", "common", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_summary_all_backends_agree_on_a_non_square_input(all_backends, capsys):
+    assert main(["summary", "--backend", "all", "--input", "1,224,244"]) == 0
+    out = capsys.readouterr().out
+    flatten = next(line for line in out.splitlines() if line.startswith("flatten"))
+    assert flatten.split()[2:5] == ["1x7680"] * 3
+    conv1 = next(line for line in out.splitlines() if line.startswith("conv1"))
+    assert conv1.split()[2:5] == ["1x96x54x59", "1x54x59x96", "1x96x54x59"]  # pt NCHW, tf NHWC, mx NCHW
+    assert "all 3 backends agree" in out and "!" not in out
+
+
+def test_summary_default_input(capsys):
+    assert main(["summary", "--input", "1,224,224"]) == 0
+    out = capsys.readouterr().out
+    assert "1x6400" in out and "46,764,746" in out
+
+
+def test_too_small_input_is_a_one_line_error():
+    result = run("summary", "--input", "1,32,32")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "at layer 'pool2'" in result.stderr and "1x65x65" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["summary", "--input", "1,a,3"], "--input (C,H,W) must be comma-separated integers"),
+    (["summary", "--input", "1,224"], "needs 3 comma-separated integers"),
+    (["summary", "--backend", "jax"], "unknown backend(s) ['jax']"),
+    (["train", "--backend", "pt", "--epochs", "0"], "values must be positive"),
+])
+def test_bad_flags_name_the_flag(args, message):
+    result = run(*args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_parity_command_passes_on_this_cpu(all_backends, capsys):
+    assert main(["parity", "--input", "1,65,65", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 7" in out and "PASS" in out and "FAIL" not in out
+    assert all(name in out for name in ("pt", "tf", "mx"))
+
+
+def test_convert_round_trip_through_every_native_format(all_backends, tmp_path, capsys):
+    spec_args = ["--input", "1,65,65"]
+    weights = init_weights(book_alexnet().with_input(1, 65, 65), 4)
+    save_weights(tmp_path / "start.npz", weights)
+    chain = ["start.npz", "model.pt", "model.weights.h5", "model.params", "end.npz"]
+    for src, dst in zip(chain, chain[1:]):
+        assert main(["convert", str(tmp_path / src), str(tmp_path / dst), *spec_args]) == 0
+    end = read_npz(tmp_path / "end.npz")
+    assert list(end) == list(weights) and all(np.array_equal(end[k], weights[k]) for k in weights)
+
+
+def test_convert_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    bad = init_weights(book_alexnet().with_input(1, 65, 65), 0)
+    bad["fc8.weight"] = bad["fc8.weight"][:5]
+    save_weights(tmp_path / "bad.npz", bad)
+    assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "out.pt"), "--input", "1,65,65"]) == 2
+    assert "fc8.weight: shape (5, 4096), expected (10, 4096)" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+    assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "out.onnx")]) == 2
+    assert "unknown weights format" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
+def test_train_then_evaluate_on_real_data(backend, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    common = ["--backend", backend.NAME, "--input-size", "65", "--limit-test", "64", "--data-dir", str(REAL_DATA),
+              "--no-progress"]
+    assert main(["train", *common, "--epochs", "1", "--limit-train", "64", "--batch-size", "32",
+                 "--run-dir", str(run_dir)]) == 0
+    assert {p.name for p in run_dir.iterdir()} == {"checkpoint.npz", "metrics.csv", "metrics.json", "curves.png"}
+    assert main(["evaluate", *common, "--weights", str(run_dir / "checkpoint.npz")]) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    assert main(["train", *common, "--device", "cpu", "--run-dir", str(run_dir)]) == 2  # would overwrite
+    assert "pass resume" in capsys.readouterr().err
