@@ -11,6 +11,7 @@ from ._framework import mx  # noqa: F401  (ImportError naming the 'mxnet' extra 
 from ._net import (
     AlexNet,
     build,
+    disable_tf32,
     export_weights,
     forward,
     gpu_available,
@@ -19,6 +20,7 @@ from ._net import (
     loss_and_grads,
     model_spec,
     param_counts,
+    parameter_devices,
     save_native,
 )
 from ._trainer import Trainer, make_trainer
@@ -29,7 +31,7 @@ LAYOUT = "NCHW"
 layer_summary, fit = _backend.shared_functions(__name__)
 
 __all__ = [
-    "FRAMEWORK", "LAYOUT", "NAME", "AlexNet", "Trainer", "build", "export_weights", "fit", "forward",
+    "FRAMEWORK", "LAYOUT", "NAME", "AlexNet", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward",
     "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
-    "model_spec", "param_counts", "save_native",
+    "model_spec", "param_counts", "parameter_devices", "save_native",
 ]

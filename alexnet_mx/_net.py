@@ -38,6 +38,17 @@ def gpu_available() -> bool:
         return False
 
 
+def disable_tf32() -> None:
+    """Ask MXNet's CUDA kernels for full float32: no tensor-core math, no conversions to lower precision."""
+    os.environ["MXNET_CUDA_ALLOW_TENSOR_CORE"] = "0"
+    os.environ["MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION"] = "0"
+
+
+def parameter_devices(model) -> set[str]:
+    """Where the parameters really are: {'cpu'}, {'gpu'}, or both if something went wrong."""
+    return {ctx.device_type for p in model.collect_params().values() for ctx in p.list_ctx()}
+
+
 # ------------------------------------------------------------------ blocks
 
 

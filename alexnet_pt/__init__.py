@@ -16,6 +16,7 @@ _require_framework("torch", "torch", "PyTorch")  # an ImportError that names the
 
 from ._model import (  # noqa: E402  (after the framework check on purpose)
     build,
+    disable_tf32,
     export_weights,
     forward,
     gpu_available,
@@ -24,6 +25,7 @@ from ._model import (  # noqa: E402  (after the framework check on purpose)
     loss_and_grads,
     model_spec,
     param_counts,
+    parameter_devices,
     save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
@@ -39,7 +41,7 @@ layer_summary, fit = _shared_functions(__name__)
 
 
 __all__ = [
-    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "export_weights", "fit", "forward", "gpu_available",
+    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward", "gpu_available",
     "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer", "model_spec",
-    "param_counts", "save_native",
+    "param_counts", "parameter_devices", "save_native",
 ]

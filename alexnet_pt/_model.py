@@ -42,6 +42,17 @@ def gpu_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def disable_tf32() -> None:
+    """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def parameter_devices(model) -> set[str]:
+    """Where the parameters really are: {'cpu'}, {'gpu'}, or both if something went wrong."""
+    return {"gpu" if p.is_cuda else "cpu" for p in model.parameters()}
+
+
 def _torch_device(device: str) -> torch.device:
     return torch.device("cuda" if choose_device(device, gpu_available(), "PyTorch") == "gpu" else "cpu")
 

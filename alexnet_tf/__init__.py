@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ._framework import FRAMEWORK, device_name, gpu_available, keras, tf  # noqa: F401  (imports TF first)
+from ._framework import FRAMEWORK, device_name, disable_tf32, gpu_available, keras, tf  # noqa: F401  (imports TF first)
 
 import common.backend as _backend  # noqa: E402
 from common.spec import ModelSpec, book_alexnet  # noqa: E402
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights  # noqa: E402
 
-from ._model import build_keras, compiled_forward, compiled_loss_and_grads, device_of, params, plan, spec_of  # noqa: E402
+from ._model import (  # noqa: E402
+    build_keras, compiled_forward, compiled_loss_and_grads, device_of, parameter_devices, params, plan, spec_of,
+)
 from ._trainer import Trainer  # noqa: E402
 
 NAME = "tf"
@@ -28,9 +30,9 @@ LAYOUT = "NHWC"
 layer_summary, fit = _backend.shared_functions(__name__)
 
 __all__ = [
-    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "export_weights", "fit", "forward", "gpu_available",
+    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward", "gpu_available",
     "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer", "model_spec",
-    "param_counts", "save_native",
+    "param_counts", "parameter_devices", "save_native",
 ]
 
 

@@ -75,6 +75,11 @@ def device_of(model) -> str:
     return getattr(model, _DEVICE_ATTR)
 
 
+def parameter_devices(model) -> set[str]:
+    """Where the variables really are: {'cpu'}, {'gpu'}, or both if something went wrong."""
+    return {"gpu" if ":GPU:" in v.value.device.upper() else "cpu" for v in model.weights}
+
+
 # --------------------------------------------------------------------------- running
 
 def cache(model) -> dict:

@@ -65,6 +65,12 @@ class Backend(Protocol):
                 capture: bool = False) -> Any:
         """Logits as numpy; with capture=True, (logits, {layer name: output}) in the backend's layout."""
 
+    def disable_tf32(self) -> None:
+        """Full float32 on GPUs whose default is TF32 (parity needs ~1e-6, TF32 gives ~1e-3)."""
+
+    def parameter_devices(self, model: Any) -> set[str]:
+        """{'cpu'} or {'gpu'}: read from the native parameters themselves, not from a setting."""
+
     def param_counts(self, model: Any) -> dict[str, int]:
         """Parameters per spec layer name, counted from the native model's own tensors."""
 

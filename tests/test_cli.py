@@ -1,4 +1,5 @@
 """The `alexnet` command as a user runs it: output, exit codes, one-line errors."""
+import json
 import subprocess
 import sys
 
@@ -91,3 +92,44 @@ def test_train_then_evaluate_on_real_data(backend, tmp_path, capsys):
     assert "test accuracy" in capsys.readouterr().out
     assert main(["train", *common, "--device", "cpu", "--run-dir", str(run_dir)]) == 2  # would overwrite
     assert "pass resume" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
+def test_compare_trains_every_backend_on_the_same_batches(all_backends, tmp_path, capsys):
+    run_dir = tmp_path / "cmp"
+    assert main(["compare", "--backends", "pt,tf,mx", "--input-size", "65", "--epochs", "1", "--limit-train", "32",
+                 "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA), "--no-progress",
+                 "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name} " in out for name in ("pt", "tf", "mx"))
+    assert (run_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    histories = json.loads((run_dir / "compare.json").read_text())
+    assert sorted(histories) == ["mx", "pt", "tf"]
+    first_losses = [histories[name][0]["train_loss"] for name in ("pt", "tf", "mx")]
+    assert max(first_losses) - min(first_losses) < 0.05  # same start, same batches: close (dropout differs)
+
+
+def test_parity_command_fails_loudly_on_a_transposed_dense_kernel(all_backends, monkeypatch, capsys):
+    """A backend that loads fc7 transposed (shapes still fit: 4096x4096) must fail the command."""
+    import common.parity
+
+    real_load = common.parity.load_backend
+
+    class TransposesFc7:
+        def __init__(self, backend):
+            self._backend = backend
+
+        def __getattr__(self, name):
+            return getattr(self._backend, name)
+
+        def build(self, spec, *, weights, **kwargs):
+            weights = dict(weights, **{"fc7.weight": np.ascontiguousarray(weights["fc7.weight"].T)})
+            return self._backend.build(spec, weights=weights, **kwargs)
+
+    monkeypatch.setattr(common.parity, "load_backend",
+                        lambda name: TransposesFc7(real_load(name)) if name == "tf" else real_load(name))
+    assert main(["parity", "--input", "1,65,65", "--seed", "3"]) == 1
+    out = capsys.readouterr().out
+    fc7 = next(line for line in out.splitlines() if line.startswith("fc7 "))
+    assert fc7.split()[1] != "FAIL" and "FAIL" in fc7  # pt passes, tf fails on that very layer
+    assert out.rstrip().splitlines()[-1].startswith("FAIL")

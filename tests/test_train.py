@@ -143,3 +143,18 @@ def test_same_batches_and_same_start_give_close_curves_across_backends(all_backe
         losses[backend.NAME] = fit(backend, model, tiny_data, epochs=1, **SETTINGS).rows[0]["train_loss"]
     values = np.array(list(losses.values()))
     assert np.ptp(values) / values.mean() < 1e-3, losses
+
+
+def test_cpu_build_keeps_parameters_on_cpu(backend):
+    assert backend.parameter_devices(backend.build(SPEC, device="cpu")) == {"cpu"}
+
+
+@pytest.mark.gpu
+def test_training_on_gpu_keeps_parameters_there_and_lowers_the_loss(backend, tiny_data):
+    if not backend.gpu_available():
+        pytest.skip(f"{backend.FRAMEWORK} sees no GPU here")
+    model = backend.build(SPEC.with_dropout(0.0), seed=1, device="gpu")
+    history = fit(backend, model, tiny_data, epochs=5, **dict(SETTINGS, lr=0.01, momentum=0.0, weight_decay=0.0))
+    losses = [row["train_loss"] for row in history.rows]
+    assert losses[-1] < losses[0], losses
+    assert backend.parameter_devices(model) == {"gpu"}
