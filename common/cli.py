@@ -171,7 +171,9 @@ def cmd_train(args) -> int:
     run_dir = args.run_dir or _default_run_dir(args.backend)
     model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
     history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, **_fit_kwargs(args))
-    print(f"run directory: {run_dir} (metrics.csv, metrics.json, curves.png, checkpoint.npz)")
+    from .train import RUN_FILES
+
+    print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")
     return 130 if history.stopped else 0
 
 
@@ -198,12 +200,12 @@ def cmd_compare(args) -> int:
     for name in args.backends:
         backend = load_backend(name)
         model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-        histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args)).rows
+        histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args))
     plot = plot_curves(histories, run_dir / "compare.png")
-    rows = [(name, h[-1]["train_loss"], h[-1]["test_loss"], h[-1]["test_acc"], h[-1]["images_per_s"])
+    rows = [(name, h.last["train_loss"], h.last["test_loss"], h.last["test_acc"], h.last["images_per_s"])
             for name, h in histories.items()]
     print(format_table(["backend", "train loss", "test loss", "test acc", "images/s"], rows))
-    (run_dir / "compare.json").write_text(json.dumps(histories, indent=2) + "\n")
+    (run_dir / "compare.json").write_text(json.dumps({name: h.rows for name, h in histories.items()}, indent=2) + "\n")
     print(f"curves: {plot}")
     return 0
 

@@ -8,6 +8,7 @@ the same batches in the same order and keep the same records by construction.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,7 +28,9 @@ from .weights import read_npz, save_weights
 CHECKPOINT = "checkpoint.npz"
 METRICS_CSV = "metrics.csv"
 METRICS_JSON = "metrics.json"
+STEPS_CSV = "steps.csv"
 CURVES_PNG = "curves.png"
+RUN_FILES = (METRICS_CSV, METRICS_JSON, STEPS_CSV, CURVES_PNG, CHECKPOINT)
 OPTIM_PREFIX = "optim/"
 META_PREFIX = "meta/"
 
@@ -76,10 +79,11 @@ class TrainConfig:
 
 @dataclass
 class History:
-    """Per-epoch metrics rows, as written to metrics.csv/json."""
+    """Per-epoch metrics rows (metrics.csv/json) and per-step training loss (steps.csv)."""
 
     backend: str
     rows: list[dict[str, float]] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)  # epoch progress (1.5 = mid epoch 2), loss, acc
     stopped: str | None = None  # "interrupted" when Ctrl-C ended the run
 
     @property
@@ -129,7 +133,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     history = History(backend.NAME)
     position = _Position()
     if resume:
-        position, history.rows = _restore(run, config, backend, model, trainer)
+        position, history.rows, history.steps = _restore(run, config, backend, model, trainer)
     elif run is not None and (run / CHECKPOINT).exists():
         raise TrainingError(f"{run / CHECKPOINT} exists: pass resume (--resume) to continue it, or use a new run dir")
 
@@ -153,6 +157,8 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                         kept = f"; the last good checkpoint is {run / CHECKPOINT}" if run and (run / CHECKPOINT).exists() else ""
                         raise TrainingError(f"loss became {loss} at {where} (lr {lr} too high?){kept}")
                     position.advance(loss, correct, len(indices))
+                    history.steps.append({"epoch": epoch + position.batch / batches_per_epoch, "loss": loss,
+                                          "acc": correct / len(indices)})
                     if interrupt.requested:
                         raise KeyboardInterrupt
                     if hasattr(bar, "set_postfix"):
@@ -240,17 +246,17 @@ def _save_run(run: Path, config: TrainConfig, backend, model, trainer, position:
         f"{META_PREFIX}config": np.array(json.dumps(config.comparable())),
         f"{META_PREFIX}position": np.array([position.epoch, position.batch, position.correct, position.seen], np.int64),
         f"{META_PREFIX}loss_sum": np.array(position.loss_sum, np.float64),
-        f"{META_PREFIX}history": np.array(json.dumps(history.rows)),
+        f"{META_PREFIX}history": np.array(json.dumps({"rows": history.rows, "steps": history.steps})),
     }
     optim = {f"{OPTIM_PREFIX}{name}": value for name, value in trainer.optimizer_state().items()}
     save_weights(run / CHECKPOINT, backend.export_weights(model), **optim, **meta)
-    write_metrics(run, history.rows)
+    write_metrics(run, history)
     from .plots import plot_curves  # matplotlib is imported only when a run dir asks for a plot
 
-    plot_curves({backend.NAME: history.rows}, run / CURVES_PNG)
+    plot_curves({backend.NAME: history}, run / CURVES_PNG)
 
 
-def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_Position, list[dict]]:
+def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_Position, list[dict], list[dict]]:
     path = run / CHECKPOINT
     if not path.exists():
         raise TrainingError(f"--resume: no checkpoint at {path}")
@@ -259,8 +265,9 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
         saved = json.loads(str(arrays[f"{META_PREFIX}config"]))
         epoch, batch, correct, seen = (int(v) for v in arrays[f"{META_PREFIX}position"])
         loss_sum = float(arrays[f"{META_PREFIX}loss_sum"])
-        rows = json.loads(str(arrays[f"{META_PREFIX}history"]))
-    except (KeyError, ValueError) as error:
+        saved_history = json.loads(str(arrays[f"{META_PREFIX}history"]))
+        rows, steps = saved_history["rows"], saved_history["steps"]
+    except (KeyError, TypeError, ValueError) as error:
         raise TrainingError(f"{path}: not a training checkpoint of this project ({error})") from None
     wanted = config.comparable()
     differences = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in wanted.items() if saved.get(k) != v]
@@ -269,20 +276,20 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
                             + "\n  ".join(differences))
     backend.load_weights(model, {k: v for k, v in arrays.items() if "/" not in k})
     trainer.load_optimizer_state({k[len(OPTIM_PREFIX):]: v for k, v in arrays.items() if k.startswith(OPTIM_PREFIX)})
-    return _Position(epoch, batch, loss_sum, correct, seen), rows
+    return _Position(epoch, batch, loss_sum, correct, seen), rows, steps
 
 
-def write_metrics(run: Path, rows: list[dict]) -> None:
-    """metrics.csv and metrics.json, each replaced atomically."""
+def write_metrics(run: Path, history: History) -> None:
+    """metrics.json, metrics.csv (per epoch) and steps.csv (per step), each replaced atomically."""
     run.mkdir(parents=True, exist_ok=True)
-    _atomic_text(run / METRICS_JSON, json.dumps(rows, indent=2) + "\n")
-    if rows:
-        fd, tmp = tempfile.mkstemp(prefix=f".{METRICS_CSV}.", dir=run)
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+    _atomic_text(run / METRICS_JSON, json.dumps(history.rows, indent=2) + "\n")
+    for name, rows in ((METRICS_CSV, history.rows), (STEPS_CSV, history.steps)):
+        if rows:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, run / METRICS_CSV)
+            _atomic_text(run / name, text.getvalue())
 
 
 def _atomic_text(path: Path, text: str) -> None:

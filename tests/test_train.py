@@ -11,7 +11,7 @@ import pytest
 
 from common.data import FashionMNIST
 from common.spec import book_alexnet
-from common.train import CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, TrainingError, fit
+from common.train import CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, STEPS_CSV, TrainingError, fit
 from common.weights import read_npz
 
 SPEC = book_alexnet().with_input(1, 65, 65)  # the smallest valid input keeps these tests quick
@@ -70,7 +70,10 @@ def test_fit_writes_metrics_curves_and_checkpoint(backend, tiny_data, tmp_path):
     assert_same_weights(weights_of(tmp_path), backend.export_weights(model))
     momentum = {k for k in read_npz(tmp_path / CHECKPOINT) if k.startswith("optim/")}
     assert len(momentum) == 16  # a momentum buffer per parameter
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, METRICS_CSV, METRICS_JSON, CURVES_PNG])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, METRICS_CSV, METRICS_JSON, CURVES_PNG, STEPS_CSV])
+    steps = (tmp_path / STEPS_CSV).read_text().splitlines()
+    assert steps[0] == "epoch,loss,acc" and len(steps) == 1 + 2 * 5  # 40 images, batch 8: 5 steps an epoch
+    assert [float(line.split(",")[0]) for line in steps[1:]][4:6] == [1.0, 1.2]
 
 
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, tmp_path):
@@ -82,6 +85,7 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, t
     resumed = fit(backend, second, tiny_data, epochs=2, run_dir=tmp_path / "split", resume=True, **SETTINGS)
     assert_same_weights(backend.export_weights(second), backend.export_weights(full))
     assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in expected.rows]
+    assert resumed.steps == expected.steps
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_matches(backend, tiny_data, tmp_path):
