@@ -56,10 +56,22 @@ class _PyTorchSGD(mx.optimizer.Optimizer):
 class Trainer:
     """One model's gluon.Trainer and steps; semantics of the contract's Trainer protocol."""
 
-    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 hybridize: bool | None = None, precision: str = "fp32"):
         self.model = _check_model(model)
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
+        if precision != "fp32":
+            raise ValueError(f"the MXNet backend trains in fp32 only, got precision {precision!r}")
+        self.precision = precision
+        # build() hybridizes every model with static memory and shapes (Gluon's fast path); None
+        # keeps that, False runs the blocks imperatively (to measure what hybridizing buys).
+        if hybridize is not None:
+            if hybridize:
+                model.hybridize(active=True, static_alloc=True, static_shape=True)
+            else:
+                model.hybridize(active=False)
+        self.hybridize = bool(model._active)
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
         self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
         optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=self.lr, wd=self.weight_decay)
@@ -68,6 +80,11 @@ class Trainer:
         index = {id(p): i for i, p in enumerate(self._trainer._params)}
         self._index = {name: index[id(p)] for name, p in _canonical_params(model).items()}
         self._resize: dict[tuple[int, int], tuple] = {}
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The speed options in effect, as ``alexnet bench`` records them."""
+        return {"hybridize": self.hybridize, "precision": self.precision}
 
     # ------------------------------------------------------------ data
 
@@ -105,6 +122,7 @@ class Trainer:
         loss.backward()
         self._trainer.step(data.shape[0])  # rescales the summed gradient by 1/batch
         correct = (logits.argmax(axis=1) == target).sum()
+        # asscalar() waits for MXNet's asynchronous engine: the step has finished when this returns
         return float(loss.mean().asscalar()), int(correct.asscalar())
 
     def eval_step(self, x, labels) -> tuple[float, int]:
@@ -162,5 +180,9 @@ class Trainer:
                 updater.states_synced[i] = True
 
 
-def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer:
-    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 hybridize: bool | None = None, precision: str = "fp32") -> Trainer:
+    """SGD with PyTorch's semantics through ``gluon.Trainer``. ``hybridize`` None keeps the model
+    as ``build`` made it (hybridized, static_alloc and static_shape); ``precision`` is fp32 only."""
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, hybridize=hybridize,
+                   precision=precision)

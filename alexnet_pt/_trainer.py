@@ -3,6 +3,23 @@
 PyTorch's SGD *is* the project's reference rule (coupled L2 on every parameter, biases
 included; ``buf = momentum * buf + g``, ``buf = g`` on the first step; ``w -= lr * buf``),
 so the fast path and the reference are the same code.
+
+Speed options (``make_trainer`` keywords; ``None`` picks the fastest correct default for
+the device, and ``alexnet bench --ablate`` measures each one on and off):
+
+* ``channels_last``: the model's parameters (converted in place) and every input in the
+  channels-last (NHWC) memory format, so oneDNN (CPU) and cuDNN (GPU, with mixed precision)
+  run their native NHWC convolution kernels instead of reordering around each call. The same
+  arithmetic summed in another order: gradients move by about 1e-6 relative, well inside the
+  parity suite's 1e-4. Default: off in float32, on with bf16/fp16. It is faster on CPU too
+  (docs/benchmarks.md), but a float32 default would let a trainer's first step differ from
+  ``loss_and_grads`` run on the model just before it (still NCHW) by slightly more than the
+  1e-5 that tests/test_backend_pt.py holds them to; ``alexnet bench --on channels_last``
+  measures it.
+* ``compile``: ``torch.compile`` of the forward pass. Default off: on this project's CPU it
+  did not pay for its compile time (docs/benchmarks.md); try it on a GPU.
+* ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
+  precision (float32 master weights and optimizer state; fp16 with a gradient scaler).
 """
 from __future__ import annotations
 
@@ -18,22 +35,46 @@ from common.weights import DTYPE
 from ._model import AlexNet, _parameters, as_input, as_labels, model_device, model_spec
 
 _MOMENTUM = "momentum/"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_channels_last(device: torch.device, precision: str = "fp32") -> bool:
+    """Channels-last by default with mixed precision only (cuDNN's tensor-core kernels are NHWC);
+    in float32 the model keeps build()'s format (see the module docstring)."""
+    return precision != "fp32"
 
 
 class Trainer:
     """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
 
-    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32"):
         self.model = model
         self.spec = model_spec(model)
         self.device = model_device(model)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        self.channels_last = default_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
+        self.compile = bool(compile)
+        # The parameters move to the chosen memory format in place (same Parameter objects, same
+        # values); a channels-last model still computes the same function on NCHW-shaped inputs.
+        model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self._forward = torch.compile(model) if self.compile else model
+        self._autocast_dtype = PRECISIONS[precision]
+        self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._params = _parameters(model)
         self.optimizer = torch.optim.SGD(
             list(self._params.values()), lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
             dampening=0.0, nesterov=False,
         )
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The speed options in effect (defaults resolved), as ``alexnet bench`` records them."""
+        return {"channels_last": self.channels_last, "compile": self.compile, "precision": self.precision}
 
     @property
     def lr(self) -> float:
@@ -75,7 +116,15 @@ class Trainer:
         mean, std = float(data.NORMALIZE_MEAN), float(data.NORMALIZE_STD)
         x = images.to(self.device, non_blocking=True).to(torch.float32) / 255.0
         x = torch.matmul(torch.matmul(r_h, x), r_w.T)
-        return ((x - mean) / std).unsqueeze(1).contiguous()
+        return self._layout(((x - mean) / std).unsqueeze(1))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
 
     # ----------------------------------------------------------------- steps
     @contextlib.contextmanager
@@ -91,23 +140,29 @@ class Trainer:
 
     def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
         """One SGD step on the batch; returns (mean loss, correct predictions before the step)."""
-        inputs, targets = as_input(self.model, x), as_labels(self.model, labels)
+        inputs, targets = self._layout(as_input(self.model, x)), as_labels(self.model, labels)
         self.model.train(True)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._seeded(seed):
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits, targets)
-        loss.backward()
-        self.optimizer.step()
+        with self._seeded(seed), self._autocast():
+            logits = self._forward(inputs)
+            loss = F.cross_entropy(logits.float(), targets)
+        if self._scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self._scaler.scale(loss).backward()
+            self._scaler.step(self.optimizer)
+            self._scaler.update()
         correct = (logits.detach().argmax(dim=1) == targets).sum()
+        # .item() waits for the device: the step is finished when this returns (timing relies on it)
         return float(loss.item()), int(correct.item())
 
     def eval_step(self, x: Any, labels: Any) -> tuple[float, int]:
         """Inference mode; returns (summed cross-entropy, correct predictions)."""
-        inputs, targets = as_input(self.model, x), as_labels(self.model, labels)
+        inputs, targets = self._layout(as_input(self.model, x)), as_labels(self.model, labels)
         self.model.train(False)
-        with torch.no_grad():
-            logits = self.model(inputs)
+        with torch.no_grad(), self._autocast():
+            logits = self._forward(inputs).float()
             loss = F.cross_entropy(logits, targets, reduction="sum")
             correct = (logits.argmax(dim=1) == targets).sum()
         return float(loss.item()), int(correct.item())
@@ -124,8 +179,8 @@ class Trainer:
         state: dict[str, np.ndarray] = {}
         for name, param in self._params.items():
             buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
-            state[_MOMENTUM + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None
-                                       else buf.detach().cpu().numpy().astype(DTYPE, copy=True))
+            state[_MOMENTUM + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None  # C order, whatever the memory format
+                                       else np.ascontiguousarray(buf.detach().cpu().numpy(), dtype=DTYPE).copy())
         return state
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -150,8 +205,12 @@ class Trainer:
                              + "\n  ".join(problems))
         for name, param in self._params.items():
             buf = torch.from_numpy(np.array(state[_MOMENTUM + name], dtype=DTYPE)).to(self.device)
-            self.optimizer.state[param]["momentum_buffer"] = buf
+            # in the parameter's memory format (channels-last or not), as SGD would have made it
+            self.optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf)
 
 
-def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer:
-    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32") -> Trainer:
+    """SGD with PyTorch's semantics; the speed options are described in the module docstring."""
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                   channels_last=channels_last, compile=compile, precision=precision)

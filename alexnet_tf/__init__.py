@@ -16,7 +16,8 @@ import numpy as np
 
 from ._framework import FRAMEWORK, device_name, disable_tf32, gpu_available, keras, tf  # noqa: F401  (imports TF first)
 
-import common.backend as _backend  # noqa: E402
+import common.backend as _backend
+from common.backend import CONTRACT as _CONTRACT  # noqa: E402
 from common.spec import ModelSpec, book_alexnet  # noqa: E402
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights  # noqa: E402
 
@@ -29,11 +30,7 @@ NAME = "tf"
 LAYOUT = "NHWC"
 layer_summary, fit = _backend.shared_functions(__name__)
 
-__all__ = [
-    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward", "gpu_available",
-    "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer", "model_spec",
-    "param_counts", "parameter_devices", "save_native",
-]
+__all__ = [*_CONTRACT]
 
 
 def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None, seed: int = 0,
@@ -119,8 +116,13 @@ def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     return float(loss), {p.name: p.to_canonical(g.numpy()) for p, g in zip(params(model), grads)}
 
 
-def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer:
-    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 jit_compile: bool | None = None, precision: str = "fp32") -> Trainer:
+    """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default on: see
+    ``_trainer.JIT_TRAIN``) compiles the train step with XLA; ``precision`` "bf16" computes in
+    bfloat16 with float32 weights (default "fp32", what the parity suite checks)."""
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, jit_compile=jit_compile,
+                   precision=precision)
 
 
 # ------------------------------------------------------------------ native checkpoints

@@ -7,14 +7,15 @@ here, inside the same ``tf.function`` as the forward and backward pass.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import numpy as np
 
 from common.weights import expected_shapes
 
-from ._framework import tf
-from ._model import compile_fn, correct_count, cross_entropy, device_of, input_signature, params, run, spec_of
+from ._framework import keras, tf
+from ._model import compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run, spec_of
 
 # The train step is compiled with XLA (jit_compile=True) because that makes it deterministic:
 # on CPU, TensorFlow's oneDNN kernels (conv weight gradients, measured on conv1-conv4) and
@@ -28,15 +29,45 @@ from ._model import compile_fn, correct_count, cross_entropy, device_of, input_s
 JIT_TRAIN = True
 JIT_EVAL = False
 
+# Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).
+# bf16 only: fp16 would need loss scaling, which this SGD step does not have.
+PRECISIONS = {"fp32": None, "bf16": "mixed_bfloat16"}
+
+
+@contextlib.contextmanager
+def _compute_policy(model, policy: str | None):
+    """Every layer of ``model`` under the dtype policy ``policy`` while the block runs, then as before.
+
+    Used around ``run`` inside the compiled steps, whose Python body runs only while TensorFlow
+    traces it: the traced graph computes in the policy's dtype, and the model itself (and
+    ``forward`` on it) is left as it was."""
+    if policy is None:
+        yield
+        return
+    layers = [native for _, natives in plan(model) for native in natives]
+    before = [layer.dtype_policy for layer in layers]
+    try:
+        for layer in layers:
+            layer.dtype_policy = keras.DTypePolicy(policy)
+        yield
+    finally:
+        for layer, old in zip(layers, before):
+            layer.dtype_policy = old
+
 
 class Trainer:
     """One model's SGD state and compiled steps (see ``common.backend.Trainer``)."""
 
     def __init__(self, model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 jit_compile: bool | None = None):
+                 jit_compile: bool | None = None, precision: str = "fp32"):
         for what, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{what} must be a number >= 0, got {value!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"the TensorFlow backend supports precision {' or '.join(PRECISIONS)}, got {precision!r} "
+                             "(fp16 would need loss scaling)")
+        self.precision = precision
+        self.jit_compile = JIT_TRAIN if jit_compile is None else bool(jit_compile)
         self.model = model
         self.spec = spec_of(model)
         self.device = device_of(model)
@@ -54,8 +85,13 @@ class Trainer:
         x_spec = input_signature(self.spec)
         y_spec = tf.TensorSpec((None,), tf.int64)
         self._train = compile_fn(self._train_fn, input_signature=[x_spec, y_spec, tf.TensorSpec((), tf.int64)],
-                                 jit_compile=JIT_TRAIN if jit_compile is None else bool(jit_compile))
+                                 jit_compile=self.jit_compile)
         self._eval = compile_fn(self._eval_fn, input_signature=[x_spec, y_spec], jit_compile=JIT_EVAL)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The speed options in effect (defaults resolved), as ``alexnet bench`` records them."""
+        return {"xla": self.jit_compile, "precision": self.precision}
 
     # ----------------------------------------------------------------- hyper-parameters
     @property
@@ -73,7 +109,8 @@ class Trainer:
     def _train_fn(self, x, labels, seed):
         with tf.device(self.device):
             with tf.GradientTape() as tape:
-                logits = run(self.model, x, training=True, seed=seed)
+                with _compute_policy(self.model, PRECISIONS[self.precision]):
+                    logits = tf.cast(run(self.model, x, training=True, seed=seed), tf.float32)
                 loss = tf.reduce_mean(cross_entropy(logits, labels))
             grads = tape.gradient(loss, self._variables)
             lr = self._lr
@@ -89,7 +126,8 @@ class Trainer:
 
     def _eval_fn(self, x, labels):
         with tf.device(self.device):
-            logits = run(self.model, x, training=False)
+            with _compute_policy(self.model, PRECISIONS[self.precision]):
+                logits = tf.cast(run(self.model, x, training=False), tf.float32)
             return tf.reduce_sum(cross_entropy(logits, labels)), correct_count(logits, labels)
 
     # ------------------------------------------------------------------- the protocol
@@ -137,6 +175,7 @@ class Trainer:
             return x
 
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
+        # float() copies the result to the host, so the step has finished when this returns
         loss, correct = self._train(self._input(x), self._labels(labels), tf.constant(int(seed), tf.int64))
         return float(loss), int(correct)
 

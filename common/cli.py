@@ -296,6 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
 
+    from .bench import add_bench_parser
+    add_bench_parser(sub)
+
     p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints")
     p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params")
     p.add_argument("dst", help="output file, format by its suffix")

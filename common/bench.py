@@ -1,0 +1,502 @@
+"""``alexnet bench``: training and inference throughput of each backend, side by side and fairly.
+
+Each (backend, configuration, batch size) runs in a fresh process (``common.bench_worker``),
+one after another, so frameworks never share threads or GPU memory. In the same process
+and just before its steps, each framework measures its own large float matrix-multiply
+rate on the same device: the measured peak that model FLOP utilisation (MFU) is reported
+against, training FLOPs per image being ``common.shapes.training_flops_per_image`` (forward
+MACs x 2 x 3). This module is framework-free: it plans the jobs, reads their JSON results
+and reports (terminal table, ``bench.json`` with every figure and the environment,
+``bench.png``).
+
+Speed-ups each backend switches on by default, and the flags that switch them (``--off``,
+``--on``, or ``--ablate`` for each one flipped in turn) are in ``FEATURES``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import shapes
+from .backend import BACKENDS, DEVICES, DeviceError
+from .cli import EXIT_ERROR, _default_run_dir, backend_list, positive_int
+from .report import format_table, human_bytes
+from .spec import get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_MODES = ("synthetic", "real")
+PLAIN_MIN_INPUT = 67  # the book's TensorFlow and MXNet AlexNet pad no first convolution: 65x65 collapses
+RESULT_JSON, RESULT_PNG, LOG_DIR = "bench.json", "bench.png", "logs"
+# Thread counts the workers get. MXNet needs this: on x86 it gives its operators half of the
+# CPUs it sees (it assumes hyper-threading), one core of two here, unless OMP_NUM_THREADS or
+# MXNET_OMP_MAX_THREADS is set. The others already use every core; setting it for all keeps them alike.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A framework-specific speed-up: a ``make_trainer`` keyword of one backend, named as its Trainer's ``options``."""
+
+    name: str
+    backend: str
+    keyword: str
+    what: str
+
+
+FEATURES = {f.name: f for f in (
+    Feature("channels_last", "pt", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels)"),
+    Feature("compile", "pt", "compile", "torch.compile of the forward pass"),
+    Feature("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True))"),
+    Feature("hybridize", "mx", "hybridize", "hybridize(static_alloc=True, static_shape=True)"),
+)}
+
+
+class BenchError(ValueError):
+    """A job could not run; the message names the job and says why, in one line."""
+
+
+# ---------------------------------------------------------------- arguments
+def _positive_ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _data_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
+    if not modes or any(m not in DATA_MODES for m in modes):
+        raise argparse.ArgumentTypeError(f"choose synthetic, real or synthetic,real; got {text!r}")
+    return modes
+
+
+def _features(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [n for n in names if n not in FEATURES]
+    if unknown or not names:
+        choices = ", ".join(f"{f.name} ({f.backend})" for f in FEATURES.values())
+        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {choices}")
+    return names
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``alexnet bench`` on the CLI's subparsers."""
+    features = "; ".join(f"{f.name} ({f.backend}): {f.what}" for f in FEATURES.values())
+    p = subparsers.add_parser(
+        "bench", help="throughput per backend: training and inference images/s, MFU, memory",
+        description="Time training and inference of each backend, each in its own process, against the "
+                    "matrix-multiply rate each framework measures on the same device. Writes a table, "
+                    "bench.json and bench.png.",
+    )
+    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--batch-sizes", type=_positive_ints, default=(32, 128), metavar="N,N")
+    p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
+                   help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default: the path the parity suite checks) or bf16/fp16 mixed precision")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed steps per mode (default 10)")
+    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--data", type=_data_modes, default=DATA_MODES, metavar="synthetic,real",
+                   help="synthetic: one prepared batch over and over; real: Fashion-MNIST through the whole "
+                        "input pipeline (default both, alternating, for the real/synthetic ratio)")
+    p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST files (for --data real)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also time the book's plain code (benchmarks/plain_*.py) and print our ratio to it")
+    p.add_argument("--off", type=_features, default=(), metavar="FEATURE,...", help=f"switch speed-ups off: {features}")
+    p.add_argument("--on", type=_features, default=(), metavar="FEATURE,...", help="switch speed-ups on")
+    p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
+    p.add_argument("--repeat", type=positive_int, default=1,
+                   help="run every configuration this many times, round robin (noisy machines)")
+    p.add_argument("--threads", type=_non_negative, metavar="N",
+                   help="threads per framework: sets " + ", ".join(THREAD_VARIABLES) + " for the workers "
+                        "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")
+    p.add_argument("--matmul-size", type=positive_int, metavar="N",
+                   help="N x N matrices for the peak rate (default 2048 on CPU, 8192 on GPU)")
+    p.add_argument("--timeout", type=positive_int, default=3600, metavar="S", help="seconds per job (default 3600)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/bench-TIME)")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+# ---------------------------------------------------------------- jobs
+@dataclass(frozen=True)
+class Config:
+    backend: str
+    impl: str  # "alexnet" (the library) or "plain" (the book's code)
+    batch_size: int
+    options: tuple[tuple[str, bool], ...] = ()  # make_trainer overrides, by feature name
+
+    @property
+    def variant(self) -> str:
+        if self.impl == "plain":
+            return "plain (book)"
+        return ", ".join(f"{name}={'on' if value else 'off'}" for name, value in self.options) or "default"
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.variant}"
+
+
+def _overrides(args, backend: str) -> dict[str, bool]:
+    chosen = {name: True for name in args.on} | {name: False for name in args.off}
+    return {name: value for name, value in chosen.items() if FEATURES[name].backend == backend}
+
+
+def _check(args) -> None:
+    if args.baseline and args.precision != "fp32":
+        raise BenchError("--baseline runs the book's float32 code: use it with --precision fp32")
+    if args.baseline and args.input_size < PLAIN_MIN_INPUT:
+        raise BenchError(f"--baseline needs --input-size {PLAIN_MIN_INPUT} or more (the book's TensorFlow and "
+                         f"MXNet AlexNet pad no first convolution), got {args.input_size}")
+    for names in (args.on, args.off):
+        for name in names:
+            if FEATURES[name].backend not in args.backends:
+                raise BenchError(f"speed-up {name} belongs to backend {FEATURES[name].backend}, "
+                                 f"which is not in --backends {','.join(args.backends)}")
+    both = set(args.on) & set(args.off)
+    if both:
+        raise BenchError(f"--on and --off both name {', '.join(sorted(both))}")
+    shapes.check_input(get_spec("book"), (1, args.input_size, args.input_size))
+
+
+def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
+    return {
+        "backend": config.backend, "impl": config.impl, "batch_size": config.batch_size,
+        "options": {FEATURES[name].keyword: value for name, value in config.options},
+        "input_size": args.input_size, "device": args.device, "precision": args.precision,
+        "steps": args.steps, "warmup": args.warmup,
+        "data": list(args.data) if config.impl != "plain" else ["synthetic"],
+        "data_dir": data_dir, "matmul_size": args.matmul_size, "result": str(result),
+    }
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_environment(threads: int | None) -> dict[str, str]:
+    """This process's environment, plus this project on the path and the thread counts."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    if threads == 0:
+        return env
+    for name in THREAD_VARIABLES:
+        if threads is not None or name not in env:
+            env[name] = str(threads or usable_cpus())
+    return env
+
+
+def run_job(config: Config, args, data_dir: str | None, workdir: Path, index: int) -> dict:
+    """One configuration in a fresh interpreter; its measurements, or BenchError."""
+    stem = f"{index:03d}-{config.backend}-{config.impl}-b{config.batch_size}"
+    job_path, result_path, log_path = (workdir / f"{stem}{suffix}" for suffix in (".job.json", ".result.json", ".log"))
+    job_path.write_text(json.dumps(_job(config, args, data_dir, result_path)))
+    env = worker_environment(args.threads)
+    with open(log_path, "w") as log:
+        try:
+            process = subprocess.run([sys.executable, "-m", "common.bench_worker", str(job_path)], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"{config.label}, batch {config.batch_size}: no result after {args.timeout} s "
+                             f"(--timeout); log: {log_path}") from None
+    if not result_path.is_file():
+        tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        raise BenchError(f"{config.label}, batch {config.batch_size}: the worker died (exit {process.returncode})"
+                         f"{': ' + tail[0] if tail else ''}; log: {log_path}")
+    result = json.loads(result_path.read_text())
+    if "error" in result:
+        message = f"{config.backend}{' plain' if config.impl == 'plain' else ''}: {result['error']}"
+        if result.get("error_type") == "DeviceError":
+            raise DeviceError(message)
+        raise BenchError(f"{message} (log: {log_path})")
+    return result
+
+
+def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None) -> list[Config]:
+    """One backend's configurations at one batch size: its default (with --on/--off), the book's
+    plain code with --baseline and, with --ablate once ``defaults`` (the options the default run
+    resolved) are known, one run per speed-up with that speed-up flipped."""
+    base = _overrides(args, backend)
+    if defaults is None:
+        return [Config(backend, "alexnet", batch, tuple(sorted(base.items())))]
+    result = [Config(backend, "plain", batch)] if args.baseline else []
+    if args.ablate:
+        for feature in (f for f in FEATURES.values() if f.backend == backend):
+            state = base.get(feature.name, defaults.get(feature.name))
+            if isinstance(state, bool):
+                result.append(Config(backend, "alexnet", batch, tuple(sorted({**base, feature.name: not state}.items()))))
+    return result
+
+
+# ---------------------------------------------------------------- statistics
+def _stats(values) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    p25, median, p75 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "p25": float(p25), "p75": float(p75), "min": float(values.min()),
+            "max": float(values.max()), "n": int(values.size)}
+
+
+def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dict:
+    """Pooled figures of one configuration over its repeats."""
+    batch = config.batch_size
+    train = {mode: sum((r["train_s"][mode] for r in results), []) for mode in results[0]["train_s"]}
+    rates = {op: sum((r["matmul"]["gflops"][op] for r in results), []) for op in results[0]["matmul"]["gflops"]}
+    peak_op, peak = max(((op, float(np.median(v))) for op, v in rates.items()), key=lambda item: item[1])
+    images_per_s = {mode: _stats([batch / s for s in steps]) for mode, steps in train.items()}
+    eval_s = sum((r["eval_s"] for r in results), [])
+    summary = {
+        "label": config.label, "backend": config.backend, "impl": config.impl, "variant": config.variant,
+        "batch_size": batch, "options": results[0]["options"], "device": results[0]["device"],
+        "train_images_per_s": images_per_s,
+        "train_step_s": {mode: _stats(steps) for mode, steps in train.items()},
+        "inference_images_per_s": _stats([batch / s for s in eval_s]),
+        "first_step_s": [r["first_step_s"] for r in results],
+        "matmul_gflops": {op: _stats(v) for op, v in rates.items()}, "matmul_n": results[0]["matmul"]["n"],
+        "peak_gflops": peak, "peak_op": peak_op,
+        "mfu": (images_per_s.get("synthetic") or images_per_s["real"])["median"] * flops["training"] / (peak * 1e9),
+        "inference_mfu": batch / float(np.median(eval_s)) * flops["inference"] / (peak * 1e9),
+        "peak_host_bytes": max(r["peak_host_bytes"] for r in results),
+        "peak_device_bytes": max((r["peak_device_bytes"] for r in results if r["peak_device_bytes"] is not None),
+                                 default=None),
+        "environment": results[0]["environment"], "repeats": len(results),
+    }
+    if "synthetic" in images_per_s and "real" in images_per_s:
+        summary["real_over_synthetic"] = images_per_s["real"]["median"] / images_per_s["synthetic"]["median"]
+    return summary
+
+
+def _compare(rows: list[dict], machine_peak: float, flops: dict[str, int]) -> None:
+    """Add the ratios between rows: against the machine's best measured matmul rate, and to the plain code."""
+    plain = {(r["backend"], r["batch_size"]): r for r in rows if r["impl"] == "plain"}
+    for row in rows:
+        headline = _headline(row, "training")["median"]
+        row["mfu_machine"] = headline * flops["training"] / (machine_peak * 1e9)
+        base = plain.get((row["backend"], row["batch_size"]))
+        if row["impl"] != "plain" and base is not None:
+            row["over_plain"] = headline / _headline(base, "training")["median"]
+
+
+# ---------------------------------------------------------------- output
+def _spread(stats: dict) -> str:
+    """Half the interquartile range, in percent of the median."""
+    return f"{50 * (stats['p75'] - stats['p25']) / stats['median']:.0f}%"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["backend", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "MFU own", "MFU machine",
+               "vs plain", "real/synth", "peak host", "peak device"]
+    body = []
+    for r in rows:
+        train = _headline(r, "training")
+        step = r["train_step_s"].get("synthetic") or r["train_step_s"]["real"]
+        body.append([
+            r["backend"], r["variant"], r["batch_size"], f"{train['median']:.1f}", _spread(train),
+            f"{step['median']:.3f}", f"{r['inference_images_per_s']['median']:.1f}", f"{r['mfu']:.2f}",
+            f"{r['mfu_machine']:.2f}" if "mfu_machine" in r else "",
+            _ratio(r.get("over_plain")), _ratio(r.get("real_over_synthetic")), human_bytes(r["peak_host_bytes"]),
+            human_bytes(r["peak_device_bytes"]) if r["peak_device_bytes"] is not None else "",
+        ])
+    return format_table(headers, body)
+
+
+def machine_environment() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def _headline(row: dict, kind: str) -> dict:
+    """The statistics a row is judged by: training on synthetic data (real data without it), or inference."""
+    if kind == "inference":
+        return row["inference_images_per_s"]
+    return row["train_images_per_s"].get("synthetic") or row["train_images_per_s"]["real"]
+
+
+def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Path, title: str) -> Path:
+    """Bars of training and inference images/s per configuration and batch size; dashed: the
+    images/s the measured matmul peak would give at 100% utilisation."""
+    from .plots import _pyplot, save_figure
+
+    plt = _pyplot()
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    batches = sorted({r["batch_size"] for r in rows})
+    colours = {name: f"C{i}" for i, name in enumerate(BACKENDS)}
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 2.2 * len(batches) * len(labels) ** 0.5 + 4), 4.6))
+    width = 0.8 / len(labels)
+    for axis, kind in zip(axes, ("training", "inference")):
+        for i, label in enumerate(labels):
+            mine = [r for r in rows if r["label"] == label]
+            stats = [_headline(r, kind) for r in mine]
+            axis.bar([batches.index(r["batch_size"]) + (i - (len(labels) - 1) / 2) * width for r in mine],
+                     [s["median"] for s in stats], width * 0.95, label=label, capsize=2,
+                     yerr=[[s["median"] - s["min"] for s in stats], [s["max"] - s["median"] for s in stats]],
+                     color=colours.get(mine[0]["backend"], "grey"), alpha=1.0 if mine[0]["variant"] == "default" else 0.55,
+                     hatch="//" if mine[0]["impl"] == "plain" else None if mine[0]["variant"] == "default" else "..",
+                     edgecolor="black", linewidth=0.4)
+        limit = machine_peak * 1e9 / flops[kind]
+        axis.axhline(limit, color="black", linestyle="--", linewidth=1)
+        axis.annotate(f"measured matmul peak {machine_peak:.0f} GFLOP/s = {limit:.0f} img/s", (0.01, limit),
+                      xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
+        axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+        top = max([limit] + [_headline(r, kind)["max"] for r in rows])
+        axis.set(ylabel="images/s (median; bars: min to max)", title=kind, ylim=(0, top * 1.12))
+        axis.grid(axis="y", alpha=0.3)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(names), 4), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the command
+def cmd_bench(args) -> int:
+    try:
+        return _bench(args)
+    except BenchError as error:
+        print(f"alexnet bench: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _bench(args) -> int:
+    _check(args)
+    data_dir = None
+    if "real" in args.data:
+        from .data import locate
+
+        data_dir = str(locate(args.data_dir, progress=True).resolve())
+    spec = get_spec("book").with_input(1, args.input_size)
+    macs = shapes.totals(shapes.infer(spec))["macs"]
+    flops = {"training": shapes.training_flops_per_image(spec), "inference": 2 * macs}
+    out = args.out or _default_run_dir("bench")
+    started = time.time()
+    load_before = os.getloadavg()
+    results: dict[Config, list[dict]] = {}
+    # Job files and logs go to a scratch folder; the logs move to the output folder at the end, or
+    # stay where the error message says when a job fails.
+    workdir = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
+    try:
+        count = 0
+
+        def run(config: Config) -> dict:
+            nonlocal count
+            count += 1
+            began = time.perf_counter()
+            round_ = f"round {repeat + 1}/{args.repeat}, " if args.repeat > 1 else ""
+            print(f"bench: [{round_}{count}] {config.label}, batch {config.batch_size} ...", end="", flush=True)
+            try:
+                result = run_job(config, args, data_dir, workdir, count)
+            except BaseException:
+                print(" failed", flush=True)
+                raise
+            steps = result["train_s"].get("synthetic") or result["train_s"]["real"]
+            print(f" {config.batch_size / float(np.median(steps)):.1f} train img/s "
+                  f"({time.perf_counter() - began:.0f} s)", flush=True)
+            results.setdefault(config, []).append(result)
+            return result
+
+        for repeat in range(args.repeat):  # round robin: a burst of background load hits every configuration alike
+            for batch in args.batch_sizes:
+                for backend in args.backends:
+                    (default,) = configs(args, backend, batch, None)
+                    resolved = {k: v for k, v in run(default)["options"].items() if k in FEATURES}
+                    for config in configs(args, backend, batch, resolved):
+                        run(config)
+    except DeviceError:  # the user's request, not a failure worth a log
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOG_DIR).mkdir(exist_ok=True)
+    for log in workdir.glob("*.log"):
+        shutil.move(log, out / LOG_DIR / log.name)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    rows = [summarise(config, runs, flops) for config, runs in results.items()]
+    order = {name: i for i, name in enumerate(args.backends)}
+    rows.sort(key=lambda r: (r["batch_size"], order[r["backend"]], r["impl"] == "plain", r["variant"] != "default",
+                             r["variant"]))
+    machine_peak = max(r["peak_gflops"] for r in rows)
+    _compare(rows, machine_peak, flops)
+
+    device = rows[0]["device"]
+    title = (f"AlexNet 1x{args.input_size}x{args.input_size}, {args.precision}, {device}; "
+             f"{args.steps} steps x {args.repeat} round(s)")
+    environment = machine_environment()
+    workers = worker_environment(args.threads)
+    environment.update({
+        "worker_threads_env": {name: workers.get(name) for name in THREAD_VARIABLES},
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "frameworks": {r["backend"]: r["environment"] for r in rows if r["impl"] == "alexnet"},
+    })
+    payload = {
+        "command": ["alexnet", *sys.argv[1:]] if Path(sys.argv[0]).name in ("alexnet", "__main__.py") else sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": time.time() - started,
+        "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                     for k, v in vars(args).items() if k not in ("func", "command")},
+        "flops_per_image": flops, "machine_peak_gflops": machine_peak,
+        "environment": environment, "results": rows,
+    }
+    _write_json(out / RESULT_JSON, payload)
+    plot(rows, flops, machine_peak, out / RESULT_PNG, title)
+
+    print()
+    print(title)
+    print(table(rows))
+    peaks = {}
+    for r in rows:
+        peaks.setdefault(r["backend"], []).append((r["peak_gflops"], r["peak_op"]))
+    print(f"measured matmul peak (median GFLOP/s, n={rows[0]['matmul_n']}): "
+          + ", ".join(f"{b} {max(v)[0]:.0f} ({max(v)[1]})" for b, v in peaks.items())
+          + f"; machine peak {machine_peak:.0f}")
+    print(f"MFU = training FLOPs per image ({flops['training'] / 1e9:.2f} GFLOP = 6 x forward MACs) x train img/s "
+          "/ measured matmul peak: own = the same framework's, in the same process; machine = the best of the run. "
+          "+- = half the interquartile range of per-step img/s")
+    print(f"load average before/after: {load_before[0]:.1f} / {environment['load_average_after'][0]:.1f} "
+          f"on {environment['usable_cpus']} CPUs ({environment['cpu']})")
+    print(f"results: {out / RESULT_JSON}, chart: {out / RESULT_PNG}")
+    return 0
+
+
+__all__ = ["FEATURES", "PRECISIONS", "BenchError", "Config", "add_bench_parser", "cmd_bench", "summarise", "table"]

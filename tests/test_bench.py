@@ -1,0 +1,189 @@
+"""`alexnet bench` end to end on a tiny configuration: it runs and its output is well formed.
+
+No timed assertions: how fast the backends are is judged by running the benchmark
+(docs/benchmarks.md), not here. The tiny configuration (1x67x67, batch 2, 2 steps, small
+matmul) keeps this file to well under a minute on 2 CPU cores.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common.bench import (FEATURES, ROOT, THREAD_VARIABLES, Config, configs, summarise, table, usable_cpus,
+                          worker_environment)
+from common.cli import build_parser
+from common.spec import book_alexnet
+from common import shapes
+from tests.conftest import REAL_DATA
+
+TINY = ["--batch-sizes", "2", "--input-size", "67", "--steps", "2", "--warmup", "1", "--matmul-size", "128"]
+HAS_REAL_DATA = (REAL_DATA / "train-images-idx3-ubyte.gz").is_file() or (REAL_DATA / "train-images-idx3-ubyte").is_file()
+DATA = ["--data", "synthetic,real", "--data-dir", str(REAL_DATA)] if HAS_REAL_DATA else ["--data", "synthetic"]
+
+
+def bench(*args):
+    """The command in a fresh interpreter, as from a shell."""
+    return subprocess.run([sys.executable, "-m", "common", "bench", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def table_rows(stdout):
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("backend ") and "train img/s" in line)
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith("measured"):
+            break
+        rows.append(line.split())
+    return lines[start], rows
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    result = bench("--backends", "pt,tf,mx", "--baseline", *TINY, *DATA, "--out", str(out))
+    return result, out
+
+
+def test_tiny_run_prints_the_table(all_backends, tiny_run):
+    result, _ = tiny_run
+    assert result.returncode == 0, result.stderr
+    header, rows = table_rows(result.stdout)
+    for column in ("train img/s", "infer img/s", "MFU", "vs plain", "real/synth", "peak host"):
+        assert column in header
+    assert [(r[0], r[1]) for r in rows] == [("pt", "default"), ("pt", "plain"), ("tf", "default"),
+                                            ("tf", "plain"), ("mx", "default"), ("mx", "plain")]
+    assert "measured matmul peak" in result.stdout and "bench.json" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends, tiny_run):
+    result, out = tiny_run
+    assert result.returncode == 0, result.stderr
+    payload = json.loads((out / "bench.json").read_text())
+    spec = book_alexnet().with_input(1, 67)
+    assert payload["flops_per_image"]["training"] == shapes.training_flops_per_image(spec)
+    assert payload["settings"]["batch_sizes"] == [2] and payload["settings"]["steps"] == 2
+    env = payload["environment"]
+    assert env["cpu"] and env["usable_cpus"] >= 1 and len(env["load_average_before"]) == 3
+    assert set(env["frameworks"]) == {"pt", "tf", "mx"}
+    assert env["frameworks"]["pt"]["framework"].startswith("PyTorch ")
+    assert env["frameworks"]["tf"]["framework"].startswith("TensorFlow ")
+    assert env["frameworks"]["mx"]["framework"].startswith("MXNet ")
+    results = payload["results"]
+    assert len(results) == 6
+    for row in results:
+        train = row["train_images_per_s"]["synthetic"]
+        assert train["n"] == 2 and 0 < train["min"] <= train["median"] <= train["max"]
+        assert row["train_step_s"]["synthetic"]["median"] > 0 and row["inference_images_per_s"]["median"] > 0
+        assert row["peak_gflops"] > 0 and row["peak_host_bytes"] > 0 and row["peak_device_bytes"] is None
+        expected_mfu = train["median"] * payload["flops_per_image"]["training"] / (row["peak_gflops"] * 1e9)
+        assert row["mfu"] == pytest.approx(expected_mfu)
+        assert row["mfu_machine"] <= row["mfu"] + 1e-12  # the machine peak is the best of the frameworks'
+        if row["impl"] == "plain":
+            assert "over_plain" not in row and "real" not in row["train_images_per_s"]
+        else:
+            assert row["over_plain"] > 0 and row["options"]["precision"] == "fp32"
+            if HAS_REAL_DATA:
+                assert row["train_images_per_s"]["real"]["n"] == 2 and row["real_over_synthetic"] > 0
+    defaults = {row["backend"]: row["options"] for row in results if row["impl"] == "alexnet"}
+    assert defaults["tf"]["xla"] is True and defaults["mx"]["hybridize"] is True
+    assert defaults["pt"]["compile"] is False
+    assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 6
+
+
+def test_tiny_run_draws_the_chart(all_backends, tiny_run):
+    result, out = tiny_run
+    assert result.returncode == 0, result.stderr
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_speed_up_can_be_switched_off(all_backends, tmp_path):
+    result = bench("--backends", "mx", "--off", "hybridize", *TINY, "--data", "synthetic", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert row["options"]["hybridize"] is False and row["variant"] == "hybridize=off"
+
+
+def test_ablation_flips_each_speed_up_of_a_backend():
+    args = build_parser().parse_args(["bench", "--backends", "pt,tf", "--ablate", "--baseline", "--off", "xla"])
+    assert configs(args, "tf", 32, None) == [Config("tf", "alexnet", 32, (("xla", False),))]
+    assert configs(args, "tf", 32, {"xla": False}) == [Config("tf", "plain", 32),
+                                                       Config("tf", "alexnet", 32, (("xla", True),))]
+    flipped = configs(args, "pt", 128, {"channels_last": False, "compile": False})
+    assert [c.variant for c in flipped] == ["plain (book)", "channels_last=on", "compile=on"]
+    assert {f.backend for f in FEATURES.values()} == {"pt", "tf", "mx"}
+
+
+def test_summary_and_table_from_worker_results():
+    """The arithmetic behind the table, on made-up worker results (no framework needed)."""
+    flops = {"training": 6_000_000_000, "inference": 2_000_000_000}
+    result = {"train_s": {"synthetic": [2.0, 1.0, 4.0], "real": [2.0, 2.0, 2.0]}, "eval_s": [0.5, 0.5, 0.5],
+              "matmul": {"n": 2048, "gflops": {"a": [90.0, 100.0, 110.0], "b": [10.0, 10.0, 10.0]}},
+              "options": {"precision": "fp32"}, "device": "cpu", "first_step_s": 3.0,
+              "peak_host_bytes": 2 ** 30, "peak_device_bytes": None, "environment": {}}
+    row = summarise(Config("pt", "alexnet", 4), [result], flops)
+    assert row["train_images_per_s"]["synthetic"]["median"] == 2.0  # 4 images / 2 s
+    assert row["real_over_synthetic"] == 1.0
+    assert row["peak_gflops"] == 100.0 and row["peak_op"] == "a"
+    assert row["mfu"] == pytest.approx(2.0 * 6e9 / 100e9)
+    assert row["inference_mfu"] == pytest.approx(8.0 * 2e9 / 100e9)
+    text = table([row])
+    assert "pt" in text and "default" in text and "1.0 GiB" in text and "0.12" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "0"], "argument --batch-sizes: must be comma-separated positive integers"),
+    (["--batch-sizes", "32,x"], "argument --batch-sizes: must be comma-separated positive integers"),
+    (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
+    (["--data", "imagenet"], "argument --data: choose synthetic, real or synthetic,real"),
+    (["--off", "turbo"], "argument --off: unknown speed-up(s) ['turbo']"),
+    (["--steps", "0"], "values must be positive"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer >= 0"),
+    (["--backends", "jax"], "unknown backend(s) ['jax']"),
+    (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+])
+def test_a_wrong_flag_value_is_a_one_line_error(args, message):
+    result = bench(*args)
+    assert result.returncode == 2
+    assert message in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-size", "32"], "at layer 'pool2'"),
+    (["--baseline", "--input-size", "65"], "--baseline needs --input-size 67 or more"),
+    (["--baseline", "--precision", "bf16"], "--baseline runs the book's float32 code"),
+    (["--backends", "tf", "--on", "compile"], "speed-up compile belongs to backend pt"),
+    (["--on", "compile", "--off", "compile"], "--on and --off both name compile"),
+])
+def test_impossible_requests_are_one_line_errors_before_any_work(args, message, tmp_path):
+    result = bench(*args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("alexnet bench: error: ") and message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = bench("--backends", "pt", "--device", "gpu", *TINY, "--data", "synthetic", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--device gpu was asked for, but PyTorch sees no GPU" in lines[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_workers_get_every_usable_core_unless_told_otherwise(monkeypatch):
+    """MXNet would give its operators half the CPUs (it assumes hyper-threading): the workers get them all."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    env = worker_environment(None)
+    assert env["OMP_NUM_THREADS"] == str(usable_cpus()) and env["MKL_NUM_THREADS"] == "1"  # a user's setting wins
+    assert all(worker_environment(3)[name] == "3" for name in THREAD_VARIABLES)
+    assert "OMP_NUM_THREADS" not in worker_environment(0)  # 0: each framework's own default
+    assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
