@@ -6,6 +6,7 @@ switches framework by changing one import.
 from . import _compat  # noqa: F401  (first: restores numpy.bool before mxnet is imported)
 
 import common.backend as _backend
+from common.backend import CONTRACT as _CONTRACT
 
 from ._framework import mx  # noqa: F401  (ImportError naming the 'mxnet' extra when missing)
 from ._net import (
@@ -30,8 +31,4 @@ FRAMEWORK = "MXNet"
 LAYOUT = "NCHW"
 layer_summary, fit = _backend.shared_functions(__name__)
 
-__all__ = [
-    "FRAMEWORK", "LAYOUT", "NAME", "AlexNet", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward",
-    "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
-    "model_spec", "param_counts", "parameter_devices", "save_native",
-]
+__all__ = [*_CONTRACT, "AlexNet"]

@@ -10,6 +10,7 @@ changing this import for ``alexnet_tf`` or ``alexnet_mx``::
 from __future__ import annotations
 
 from common.backend import shared_functions as _shared_functions
+from common.backend import CONTRACT as _CONTRACT
 from common.backend import require_framework as _require_framework
 
 _require_framework("torch", "torch", "PyTorch")  # an ImportError that names the extra
@@ -40,8 +41,4 @@ layer_summary, fit = _shared_functions(__name__)
 
 
 
-__all__ = [
-    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward", "gpu_available",
-    "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer", "model_spec",
-    "param_counts", "parameter_devices", "save_native",
-]
+__all__ = [*_CONTRACT]

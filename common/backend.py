@@ -18,6 +18,12 @@ from .report import format_table
 from .spec import ModelSpec
 
 BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx"}
+# The public names of every backend module (its __all__ starts with these): one import switches framework.
+CONTRACT = (
+    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward",
+    "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
+    "model_spec", "param_counts", "parameter_devices", "save_native",
+)
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -189,6 +195,6 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 
 __all__ = [
-    "BACKENDS", "DEVICES", "Backend", "DeviceError", "LayerRow", "Trainer", "choose_device",
+    "BACKENDS", "CONTRACT", "DEVICES", "Backend", "DeviceError", "LayerRow", "Trainer", "choose_device",
     "layer_summary", "load_backend", "require_framework", "shared_functions", "to_spec_input",
 ]
