@@ -355,9 +355,8 @@ def test_eval_step_sums_loss(model):
 
 
 def test_prepare_matches_common_preprocess(model):
-    data = pytest.importorskip("common.data")
-    if not hasattr(data, "preprocess") or not hasattr(data, "resize_matrix"):
-        pytest.skip("common.data has no preprocess/resize_matrix yet")
+    from common import data
+
     images = np.random.default_rng(0).integers(0, 256, size=(BATCH, 28, 28), dtype=np.uint8)
     trainer = backend.make_trainer(model, lr=0.01)
     got = trainer.prepare(images)
