@@ -26,6 +26,8 @@ from ._model import compile_fn, correct_count, cross_entropy, device_of, input_s
 # 2 shared CPU cores (batch 32, momentum + weight decay): 1x67x67 about 10% faster with XLA,
 # 1x96x96 equal, 1x112x112 (batch 64) and 1x224x224 about 15% slower; the first step
 # compiles for 2-3 s. Evaluation changes no state, so it keeps the plain graph (faster).
+# `alexnet bench --ablate` later measured the 1x224x224 batch-128 step 32% slower with XLA
+# (36.8 against 54.3 images/s, docs/benchmarks.md): the price of bit-exact resume on CPU.
 JIT_TRAIN = True
 JIT_EVAL = False
 

@@ -1,20 +1,22 @@
 """``alexnet bench``: training and inference throughput of each backend, side by side and fairly.
 
 Each (backend, configuration, batch size) runs in a fresh process (``common.bench_worker``),
-one after another, so frameworks never share threads or GPU memory. In the same process
-and just before its steps, each framework measures its own large float matrix-multiply
-rate on the same device: the measured peak that model FLOP utilisation (MFU) is reported
-against, training FLOPs per image being ``common.shapes.training_flops_per_image`` (forward
-MACs x 2 x 3). This module is framework-free: it plans the jobs, reads their JSON results
-and reports (terminal table, ``bench.json`` with every figure and the environment,
-``bench.png``).
+one after another, so frameworks never share threads or GPU memory. In the same process,
+before the steps and again before each timed step, each framework measures its own large
+float matrix-multiply rate on the same device: the peak that model FLOP utilisation (MFU)
+is reported against, training FLOPs per image being
+``common.shapes.training_flops_per_image`` (forward MACs x 2 x 3). This module is
+framework-free: it plans the jobs, reads their JSON results and reports (terminal table,
+``bench.json`` with every figure and the environment, ``bench.png``).
 
-Speed-ups each backend switches on by default, and the flags that switch them (``--off``,
-``--on``, or ``--ablate`` for each one flipped in turn) are in ``FEATURES``.
+The framework-specific speed-ups, and the flags that switch them (``--off``, ``--on``, or
+``--ablate`` for each one flipped in turn), are in ``FEATURES``. docs/benchmarks.md has the
+measurements.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,7 +32,7 @@ import numpy as np
 
 from . import shapes
 from .backend import BACKENDS, DEVICES, DeviceError
-from .cli import EXIT_ERROR, _default_run_dir, backend_list, positive_int
+from .cli import EXIT_ERROR, _default_run_dir, _int_list, backend_list, positive_int
 from .report import format_table, human_bytes
 from .spec import get_spec
 
@@ -68,16 +70,6 @@ class BenchError(ValueError):
 
 
 # ---------------------------------------------------------------- arguments
-def _positive_ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers, got {text!r}")
-    return values
-
-
 def _non_negative(text: str) -> int:
     try:
         value = int(text)
@@ -114,7 +106,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "bench.json and bench.png.",
     )
     p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
-    p.add_argument("--batch-sizes", type=_positive_ints, default=(32, 128), metavar="N,N")
+    p.add_argument("--batch-sizes", type=functools.partial(_int_list, name="batch sizes"), default=(32, 128),
+                   metavar="N,N")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                    help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
     p.add_argument("--device", choices=DEVICES, default="auto")
@@ -279,13 +272,15 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
         "first_step_s": [r["first_step_s"] for r in results],
         "matmul_gflops": {op: _stats(v) for op, v in rates.items()}, "matmul_n": results[0]["matmul"]["n"],
         "peak_gflops": peak, "peak_op": peak_op,
-        "mfu": (images_per_s.get("synthetic") or images_per_s["real"])["median"] * flops["training"] / (peak * 1e9),
-        "inference_mfu": batch / float(np.median(eval_s)) * flops["inference"] / (peak * 1e9),
         "peak_host_bytes": max(r["peak_host_bytes"] for r in results),
         "peak_device_bytes": max((r["peak_device_bytes"] for r in results if r["peak_device_bytes"] is not None),
                                  default=None),
         "environment": results[0]["environment"], "repeats": len(results),
+        "runs": [{key: r[key] for key in ("train_s", "eval_s", "first_step_s", "matmul", "load_average") if key in r}
+                 for r in results],  # every step's seconds and every matmul rate, per repeat
     }
+    summary["mfu"] = _headline(summary, "training")["median"] * flops["training"] / (peak * 1e9)
+    summary["inference_mfu"] = summary["inference_images_per_s"]["median"] * flops["inference"] / (peak * 1e9)
     if "synthetic" in images_per_s and "real" in images_per_s:
         summary["real_over_synthetic"] = images_per_s["real"]["median"] / images_per_s["synthetic"]["median"]
     return summary
@@ -350,8 +345,9 @@ def _headline(row: dict, kind: str) -> dict:
 
 
 def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Path, title: str) -> Path:
-    """Bars of training and inference images/s per configuration and batch size; dashed: the
-    images/s the measured matmul peak would give at 100% utilisation."""
+    """Bars of training and inference images/s (median, whiskers from the 25th to the 75th
+    percentile) per configuration and batch size; dashed: the images/s the measured matmul
+    peak would give at 100% utilisation."""
     from .plots import _pyplot, save_figure
 
     plt = _pyplot()
@@ -366,7 +362,7 @@ def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Pat
             stats = [_headline(r, kind) for r in mine]
             axis.bar([batches.index(r["batch_size"]) + (i - (len(labels) - 1) / 2) * width for r in mine],
                      [s["median"] for s in stats], width * 0.95, label=label, capsize=2,
-                     yerr=[[s["median"] - s["min"] for s in stats], [s["max"] - s["median"] for s in stats]],
+                     yerr=[[s["median"] - s["p25"] for s in stats], [s["p75"] - s["median"] for s in stats]],
                      color=colours.get(mine[0]["backend"], "grey"), alpha=1.0 if mine[0]["variant"] == "default" else 0.55,
                      hatch="//" if mine[0]["impl"] == "plain" else None if mine[0]["variant"] == "default" else "..",
                      edgecolor="black", linewidth=0.4)
@@ -375,8 +371,8 @@ def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Pat
         axis.annotate(f"measured matmul peak {machine_peak:.0f} GFLOP/s = {limit:.0f} img/s", (0.01, limit),
                       xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
         axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-        top = max([limit] + [_headline(r, kind)["max"] for r in rows])
-        axis.set(ylabel="images/s (median; bars: min to max)", title=kind, ylim=(0, top * 1.12))
+        top = max([limit] + [_headline(r, kind)["p75"] for r in rows])
+        axis.set(ylabel="images/s (median; bars: interquartile range)", title=kind, ylim=(0, top * 1.12))
         axis.grid(axis="y", alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(names), 4), fontsize=8)
@@ -397,6 +393,41 @@ def cmd_bench(args) -> int:
     except BenchError as error:
         print(f"alexnet bench: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nalexnet bench: interrupted; no results written", file=sys.stderr)
+        return 130
+
+
+def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[dict]]:
+    """Every job, round robin over the repeats; their results by configuration."""
+    results: dict[Config, list[dict]] = {}
+    count = 0
+
+    def run(config: Config, repeat: int) -> dict:
+        nonlocal count
+        count += 1
+        began = time.perf_counter()
+        round_ = f"round {repeat + 1}/{args.repeat}, " if args.repeat > 1 else ""
+        print(f"bench: [{round_}{count}] {config.label}, batch {config.batch_size} ...", end="", flush=True)
+        try:
+            result = run_job(config, args, data_dir, workdir, count)
+        except BaseException:
+            print(" failed", flush=True)
+            raise
+        steps = result["train_s"].get("synthetic") or result["train_s"]["real"]
+        print(f" {config.batch_size / float(np.median(steps)):.1f} train img/s "
+              f"({time.perf_counter() - began:.0f} s)", flush=True)
+        results.setdefault(config, []).append(result)
+        return result
+
+    for repeat in range(args.repeat):  # round robin: a burst of background load hits every configuration alike
+        for batch in args.batch_sizes:
+            for backend in args.backends:
+                (default,) = configs(args, backend, batch, None)
+                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in FEATURES}
+                for config in configs(args, backend, batch, resolved):
+                    run(config, repeat)
+    return results
 
 
 def _bench(args) -> int:
@@ -412,74 +443,52 @@ def _bench(args) -> int:
     out = args.out or _default_run_dir("bench")
     started = time.time()
     load_before = os.getloadavg()
-    results: dict[Config, list[dict]] = {}
-    # Job files and logs go to a scratch folder; the logs move to the output folder at the end, or
-    # stay where the error message says when a job fails.
+    # Job files, logs and the results are made in a scratch folder and moved to ``out`` at the
+    # end, so an interrupted or failed run leaves nothing half-written there. A failed job's log
+    # stays in the scratch folder, where the error message points.
     workdir = Path(tempfile.mkdtemp(prefix="alexnet-bench-"))
+    keep = False
     try:
-        count = 0
+        try:
+            results = _run_jobs(args, data_dir, workdir)
+        except BenchError:
+            keep = True
+            raise
+        rows = [summarise(config, runs, flops) for config, runs in results.items()]
+        order = {name: i for i, name in enumerate(args.backends)}
+        rows.sort(key=lambda r: (r["batch_size"], order[r["backend"]], r["impl"] == "plain",
+                                 r["variant"] != "default", r["variant"]))
+        machine_peak = max(r["peak_gflops"] for r in rows)
+        _compare(rows, machine_peak, flops)
 
-        def run(config: Config) -> dict:
-            nonlocal count
-            count += 1
-            began = time.perf_counter()
-            round_ = f"round {repeat + 1}/{args.repeat}, " if args.repeat > 1 else ""
-            print(f"bench: [{round_}{count}] {config.label}, batch {config.batch_size} ...", end="", flush=True)
-            try:
-                result = run_job(config, args, data_dir, workdir, count)
-            except BaseException:
-                print(" failed", flush=True)
-                raise
-            steps = result["train_s"].get("synthetic") or result["train_s"]["real"]
-            print(f" {config.batch_size / float(np.median(steps)):.1f} train img/s "
-                  f"({time.perf_counter() - began:.0f} s)", flush=True)
-            results.setdefault(config, []).append(result)
-            return result
-
-        for repeat in range(args.repeat):  # round robin: a burst of background load hits every configuration alike
-            for batch in args.batch_sizes:
-                for backend in args.backends:
-                    (default,) = configs(args, backend, batch, None)
-                    resolved = {k: v for k, v in run(default)["options"].items() if k in FEATURES}
-                    for config in configs(args, backend, batch, resolved):
-                        run(config)
-    except DeviceError:  # the user's request, not a failure worth a log
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOG_DIR).mkdir(exist_ok=True)
-    for log in workdir.glob("*.log"):
-        shutil.move(log, out / LOG_DIR / log.name)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-    rows = [summarise(config, runs, flops) for config, runs in results.items()]
-    order = {name: i for i, name in enumerate(args.backends)}
-    rows.sort(key=lambda r: (r["batch_size"], order[r["backend"]], r["impl"] == "plain", r["variant"] != "default",
-                             r["variant"]))
-    machine_peak = max(r["peak_gflops"] for r in rows)
-    _compare(rows, machine_peak, flops)
-
-    device = rows[0]["device"]
-    title = (f"AlexNet 1x{args.input_size}x{args.input_size}, {args.precision}, {device}; "
-             f"{args.steps} steps x {args.repeat} round(s)")
-    environment = machine_environment()
-    workers = worker_environment(args.threads)
-    environment.update({
-        "worker_threads_env": {name: workers.get(name) for name in THREAD_VARIABLES},
-        "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "frameworks": {r["backend"]: r["environment"] for r in rows if r["impl"] == "alexnet"},
-    })
-    payload = {
-        "command": ["alexnet", *sys.argv[1:]] if Path(sys.argv[0]).name in ("alexnet", "__main__.py") else sys.argv,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": time.time() - started,
-        "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
-                     for k, v in vars(args).items() if k not in ("func", "command")},
-        "flops_per_image": flops, "machine_peak_gflops": machine_peak,
-        "environment": environment, "results": rows,
-    }
-    _write_json(out / RESULT_JSON, payload)
-    plot(rows, flops, machine_peak, out / RESULT_PNG, title)
+        title = (f"AlexNet 1x{args.input_size}x{args.input_size}, {args.precision}, {rows[0]['device']}; "
+                 f"{args.steps} steps x {args.repeat} round(s)")
+        environment = machine_environment()
+        workers = worker_environment(args.threads)
+        environment.update({
+            "worker_threads_env": {name: workers.get(name) for name in THREAD_VARIABLES},
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "frameworks": {r["backend"]: r["environment"] for r in rows if r["impl"] == "alexnet"},
+        })
+        payload = {
+            "command": ["alexnet", *sys.argv[1:]] if Path(sys.argv[0]).name in ("alexnet", "__main__.py") else sys.argv,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "seconds": time.time() - started,
+            "settings": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(args).items() if k not in ("func", "command")},
+            "flops_per_image": flops, "machine_peak_gflops": machine_peak,
+            "environment": environment, "results": rows,
+        }
+        _write_json(workdir / RESULT_JSON, payload)
+        plot(rows, flops, machine_peak, workdir / RESULT_PNG, title)
+        (out / LOG_DIR).mkdir(parents=True, exist_ok=True)
+        for log in workdir.glob("*.log"):
+            shutil.move(log, out / LOG_DIR / log.name)
+        for name in (RESULT_JSON, RESULT_PNG):
+            shutil.move(workdir / name, out / name)
+    finally:
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     print()
     print(title)
@@ -491,8 +500,9 @@ def _bench(args) -> int:
           + ", ".join(f"{b} {max(v)[0]:.0f} ({max(v)[1]})" for b, v in peaks.items())
           + f"; machine peak {machine_peak:.0f}")
     print(f"MFU = training FLOPs per image ({flops['training'] / 1e9:.2f} GFLOP = 6 x forward MACs) x train img/s "
-          "/ measured matmul peak: own = the same framework's, in the same process; machine = the best of the run. "
-          "+- = half the interquartile range of per-step img/s")
+          "/ measured matmul peak")
+    print("  own: the same framework's peak, in the same process; machine: the best peak of the run; "
+          "+-: half the interquartile range of per-step img/s")
     print(f"load average before/after: {load_before[0]:.1f} / {environment['load_average_after'][0]:.1f} "
           f"on {environment['usable_cpus']} CPUs ({environment['cpu']})")
     print(f"results: {out / RESULT_JSON}, chart: {out / RESULT_PNG}")

@@ -229,6 +229,7 @@ def run(job: dict) -> dict:
     from common.backend import choose_device, load_backend
     from common.spec import get_spec
 
+    load_before = os.getloadavg()[0]  # the machine's background load (it may be shared)
     name, batch, steps, warmup = job["backend"], job["batch_size"], job["steps"], job["warmup"]
     backend = load_backend(name)  # imports the framework (an ImportError names the extra)
     device = choose_device(job["device"], backend.gpu_available(), backend.FRAMEWORK)
@@ -284,6 +285,7 @@ def run(job: dict) -> dict:
         "backend": name, "impl": job["impl"], "device": device, "batch_size": batch, "input_size": size,
         "options": options, "first_step_s": first_step_s, "train_s": train_s, "eval_s": eval_s,
         "matmul": {"n": matmul_n, "gflops": rates, "warmup_gflops": warm_rates},
+        "load_average": [load_before, os.getloadavg()[0]],
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
         "peak_device_bytes": framework.device_memory(),
         "environment": {**framework.environment(), "pid": os.getpid()},

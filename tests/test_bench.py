@@ -136,8 +136,8 @@ def test_summary_and_table_from_worker_results():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--batch-sizes", "0"], "argument --batch-sizes: must be comma-separated positive integers"),
-    (["--batch-sizes", "32,x"], "argument --batch-sizes: must be comma-separated positive integers"),
+    (["--batch-sizes", "0"], "argument --batch-sizes: batch sizes values must be positive"),
+    (["--batch-sizes", "32,x"], "argument --batch-sizes: batch sizes must be comma-separated integers"),
     (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
     (["--data", "imagenet"], "argument --data: choose synthetic, real or synthetic,real"),
     (["--off", "turbo"], "argument --off: unknown speed-up(s) ['turbo']"),
