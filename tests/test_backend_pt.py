@@ -277,6 +277,28 @@ def test_one_sgd_step_moves_weights_by_lr_times_grad(model, start):
     assert trainer.optimizer_state() == {}
 
 
+def _conv_layouts(model) -> set[str]:
+    """The memory format of every conv weight with more than one input channel (with one, the
+    two formats have the same strides)."""
+    return {"channels_last" if p.is_contiguous(memory_format=torch.channels_last) else "nchw"
+            for p in model.parameters() if p.ndim == 4 and p.shape[1] > 1}
+
+
+def test_cpu_models_are_channels_last_and_compute_what_nchw_computes():
+    fast = backend.build(SMALL.with_dropout(0.0), seed=3, device="cpu")
+    assert _conv_layouts(fast) == {"channels_last"}  # oneDNN's native layout: the faster one on CPU
+    assert backend.make_trainer(fast, lr=0.01).options["channels_last"] is True
+    plain = backend.build(SMALL.with_dropout(0.0), seed=3, device="cpu")
+    assert backend.make_trainer(plain, lr=0.01, channels_last=False).options["channels_last"] is False
+    assert _conv_layouts(plain) == {"nchw"}  # switched off: the trainer converted the model in place
+    x, y = batch(seed=4)  # the same float32 sums in another order: ~1e-6 apart (parity allows 1e-4)
+    assert rel_err(backend.forward(fast, x), backend.forward(plain, x).astype(np.float64)) < 1e-5
+    _, fast_grads = backend.loss_and_grads(fast, x, y)
+    _, plain_grads = backend.loss_and_grads(plain, x, y)
+    for name, grad in plain_grads.items():
+        assert fast_grads[name].flags.c_contiguous and rel_err(fast_grads[name], grad) < 1e-5, name
+
+
 def test_momentum_and_weight_decay_follow_pytorch_sgd(model, start):
     """PyTorch's rule re-implemented in numpy (float32 like the model), over two steps."""
     lr, momentum, wd = np.float32(0.01), np.float32(0.9), np.float32(0.01)
