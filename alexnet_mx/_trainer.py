@@ -20,11 +20,12 @@ from typing import Mapping
 
 import numpy as np
 
+from common.weights import MOMENTUM_PREFIX, momentum_buffers
+
 from ._framework import mx
 from ._net import AlexNet, _canonical_params, _check_model, _labels, _to_input
 
 gluon = mx.gluon
-_PREFIX = "momentum/"
 
 
 class _PyTorchSGD(mx.optimizer.Optimizer):
@@ -151,32 +152,19 @@ class Trainer:
         for name, i in self._index.items():
             state = states.get(i)
             if state is None:
-                result[_PREFIX + name] = np.zeros(params[name].shape, np.float32)
+                result[MOMENTUM_PREFIX + name] = np.zeros(params[name].shape, np.float32)
             else:
-                result[_PREFIX + name] = state.asnumpy()
+                result[MOMENTUM_PREFIX + name] = state.asnumpy()
         return result
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Set the momentum buffers from ``optimizer_state()``'s format; checked in full first."""
-        state = dict(state)
-        params = _canonical_params(self.model)
-        expected = {} if self.momentum == 0.0 else {_PREFIX + n: tuple(p.shape) for n, p in params.items()}
-        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        problems += [
-            f"{k}: shape {tuple(np.shape(state[k]))}, expected {s}"
-            for k, s in expected.items() if k in state and tuple(np.shape(state[k])) != s
-        ]
-        if problems:
-            raise ValueError(
-                f"optimizer state does not fit this trainer (momentum {self.momentum}) "
-                f"({len(problems)} problem(s)):\n  " + "\n  ".join(problems)
-            )
+        """Set the momentum buffers from ``optimizer_state()``'s format (checked in full first by
+        ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        buffers = momentum_buffers(self.model.spec, self.momentum, state)
         updater, ctx = self._updater(), self.model.ctx
         for name, i in self._index.items():
-            key = _PREFIX + name
-            if key in state:
-                updater.states[i] = mx.nd.array(np.asarray(state[key], np.float32), ctx=ctx, dtype="float32")
+            if name in buffers:
+                updater.states[i] = mx.nd.array(np.asarray(buffers[name], np.float32), ctx=ctx, dtype="float32")
                 updater.states_synced[i] = True
 
 

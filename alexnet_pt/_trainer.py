@@ -8,14 +8,8 @@ Speed options (``make_trainer`` keywords; ``None`` picks the fastest correct def
 the device, and ``alexnet bench --ablate`` measures each one on and off):
 
 * ``channels_last``: the model's parameters (converted in place) and every input in the
-  channels-last (NHWC) memory format, so oneDNN (CPU) and cuDNN (GPU, with mixed precision)
-  run their native NHWC convolution kernels instead of reordering around each call. The same
-  arithmetic summed in another order: gradients move by about 1e-6 relative, well inside the
-  parity suite's 1e-4. Default: off in float32, on with bf16/fp16. It is faster on CPU too
-  (docs/benchmarks.md), but a float32 default would let a trainer's first step differ from
-  ``loss_and_grads`` run on the model just before it (still NCHW) by slightly more than the
-  1e-5 that tests/test_backend_pt.py holds them to; ``alexnet bench --on channels_last``
-  measures it.
+  channels-last (NHWC) memory format. Default: ``_model.prefers_channels_last`` (on CPU, and
+  on a GPU with bf16/fp16), the format ``build`` already gave a CPU model.
 * ``compile``: ``torch.compile`` of the forward pass. Default off: on this project's CPU it
   did not pay for its compile time (docs/benchmarks.md); try it on a GPU.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
@@ -30,18 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.weights import DTYPE
+from common.weights import DTYPE, MOMENTUM_PREFIX, momentum_buffers
 
-from ._model import AlexNet, _parameters, as_input, as_labels, model_device, model_spec
+from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_format, model_device, model_spec,
+                     prefers_channels_last)
 
-_MOMENTUM = "momentum/"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def default_channels_last(device: torch.device, precision: str = "fp32") -> bool:
-    """Channels-last by default with mixed precision only (cuDNN's tensor-core kernels are NHWC);
-    in float32 the model keeps build()'s format (see the module docstring)."""
-    return precision != "fp32"
 
 
 class Trainer:
@@ -56,11 +44,11 @@ class Trainer:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self.channels_last = default_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
+        self.channels_last = prefers_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
         self.compile = bool(compile)
         # The parameters move to the chosen memory format in place (same Parameter objects, same
         # values); a channels-last model still computes the same function on NCHW-shaped inputs.
-        model.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        model.to(memory_format=memory_format(self.channels_last))
         self._forward = torch.compile(model) if self.compile else model
         self._autocast_dtype = PRECISIONS[precision]
         self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
@@ -119,7 +107,7 @@ class Trainer:
         return self._layout(((x - mean) / std).unsqueeze(1))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x.contiguous(memory_format=memory_format(self.channels_last))
 
     def _autocast(self):
         if self._autocast_dtype is None:
@@ -179,34 +167,19 @@ class Trainer:
         state: dict[str, np.ndarray] = {}
         for name, param in self._params.items():
             buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
-            state[_MOMENTUM + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None  # C order, whatever the memory format
-                                       else np.ascontiguousarray(buf.detach().cpu().numpy(), dtype=DTYPE).copy())
+            state[MOMENTUM_PREFIX + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None  # C order, whatever the memory format
+                                       else _numpy(buf).astype(DTYPE, copy=True))
         return state
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Set the momentum buffers from ``optimizer_state()`` output; checked completely first."""
-        state = dict(state)
-        if self.momentum == 0.0:
-            if state:
-                raise ValueError(f"this trainer has no momentum, but the state holds {sorted(state)[:3]}...")
-            return
-        expected = {_MOMENTUM + name: tuple(p.shape) for name, p in self._params.items()}
-        problems = [f"missing {k} {s}" for k, s in expected.items() if k not in state]
-        problems += [f"unexpected {k}" for k in state if k not in expected]
-        for key, shape in expected.items():
-            if key in state:
-                value = np.asarray(state[key])
-                if value.shape != shape:
-                    problems.append(f"{key}: shape {value.shape}, expected {shape}")
-                elif value.dtype != DTYPE:
-                    problems.append(f"{key}: dtype {value.dtype}, expected float32")
-        if problems:
-            raise ValueError(f"optimizer state does not fit this model ({len(problems)} problem(s)):\n  "
-                             + "\n  ".join(problems))
+        """Set the momentum buffers from ``optimizer_state()`` output (checked in full first by
+        ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        buffers = momentum_buffers(self.spec, self.momentum, state)
         for name, param in self._params.items():
-            buf = torch.from_numpy(np.array(state[_MOMENTUM + name], dtype=DTYPE)).to(self.device)
-            # in the parameter's memory format (channels-last or not), as SGD would have made it
-            self.optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf)
+            if name in buffers:
+                buf = torch.from_numpy(np.array(buffers[name], dtype=DTYPE)).to(self.device)
+                # in the parameter's memory format (channels-last or not), as SGD would have made it
+                self.optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf)
 
 
 def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,

@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from common.weights import expected_shapes
+from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
 from ._framework import keras, tf
 from ._model import compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run, spec_of
@@ -28,6 +28,11 @@ from ._model import compile_fn, correct_count, cross_entropy, device_of, input_s
 # compiles for 2-3 s. Evaluation changes no state, so it keeps the plain graph (faster).
 # `alexnet bench --ablate` later measured the 1x224x224 batch-128 step 32% slower with XLA
 # (36.8 against 54.3 images/s, docs/benchmarks.md): the price of bit-exact resume on CPU.
+# Ways to make the faster plain graph reproducible were tried and failed (1x224x224, batch
+# 32, momentum + weight decay, 4-6 steps repeated in one process and across processes):
+# tf.config.experimental.enable_op_determinism() (still off by up to 1e-5 after 3 steps),
+# that plus grappler's remapper off (1e-9), inter-op threads = 1 (2e-6), and determinism
+# plus inter-op threads = 1 (identical within one process, 6e-5 apart across processes).
 JIT_TRAIN = True
 JIT_EVAL = False
 
@@ -188,30 +193,12 @@ class Trainer:
     def optimizer_state(self) -> dict[str, np.ndarray]:
         if not self.momentum:
             return {}
-        return {f"momentum/{p.name}": p.to_canonical(buffer.numpy()) for p, buffer in zip(self._params, self._buffers)}
+        return {MOMENTUM_PREFIX + p.name: p.to_canonical(buffer.numpy()) for p, buffer in zip(self._params, self._buffers)}
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Momentum buffers by canonical name and layout; all of them or none (none: start
-        afresh, as PyTorch's SGD does before its first step). Checked before anything is set."""
-        state = dict(state)
-        if not self.momentum:
-            if state:
-                raise ValueError(f"this trainer has no momentum, so it keeps no optimizer state; got {sorted(state)}")
-            return
-        if not state:
-            for buffer in self._buffers:
-                buffer.assign(tf.zeros_like(buffer))
-            return
-        expected = {f"momentum/{name}": shape for name, shape in expected_shapes(self.spec).items()}
-        problems = [f"missing {name} {shape}" for name, shape in expected.items() if name not in state]
-        problems += [f"unexpected {name}" for name in state if name not in expected]
-        problems += [
-            f"{name}: shape {np.shape(state[name])}, expected {shape}"
-            for name, shape in expected.items() if name in state and tuple(np.shape(state[name])) != shape
-        ]
-        if problems:
-            raise ValueError(f"optimizer state does not fit this model ({len(problems)} problem(s)):\n  "
-                             + "\n  ".join(problems))
-        native = [p.to_native(np.asarray(state[f"momentum/{p.name}"], np.float32)) for p in self._params]
+        """Momentum buffers by canonical name and layout (checked in full first by
+        ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        buffers = momentum_buffers(self.spec, self.momentum, state)
+        native = [p.to_native(np.asarray(buffers[p.name], np.float32)) for p in self._params] if buffers else []
         for buffer, value in zip(self._buffers, native):
             buffer.assign(value)

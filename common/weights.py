@@ -104,6 +104,31 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
     check_arrays(spec, expected_shapes(spec), {k: np.asarray(v) for k, v in weights.items()}, source=source)
 
 
+MOMENTUM_PREFIX = "momentum/"  # optimizer state keys: "momentum/conv1.weight" ...
+
+
+def momentum_buffers(spec: ModelSpec, momentum: float, state: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The momentum buffers a trainer should hold, by canonical parameter name, from the
+    format of ``Trainer.optimizer_state()`` (``{"momentum/<name>": buffer}``, canonical layout).
+
+    Every buffer or none: none means zeros, which is where PyTorch's SGD starts (``buf = g``
+    on the first step equals ``momentum * 0 + g``). A trainer without momentum keeps no state.
+    Checked in full (names, shapes, float32) before the caller changes anything.
+    """
+    state = {name: np.asarray(value) for name, value in state.items()}
+    if not momentum:
+        if state:
+            raise WeightsError("this trainer has no momentum, so it keeps no optimizer state: unexpected "
+                               + ", ".join(sorted(state)))
+        return {}
+    shapes = expected_shapes(spec)
+    if not state:
+        return {name: np.zeros(shape, DTYPE) for name, shape in shapes.items()}
+    check_arrays(spec, {MOMENTUM_PREFIX + name: shape for name, shape in shapes.items()}, state,
+                 source="momentum buffers")
+    return {name: state[MOMENTUM_PREFIX + name] for name in shapes}
+
+
 def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **extra: np.ndarray) -> Path:
     """Write ``weights`` (and ``extra`` arrays, e.g. optimizer state) to an .npz atomically.
 

@@ -9,3 +9,27 @@ def test_backend_exports_exactly_the_contract(backend):
     assert BACKENDS[backend.NAME] == backend.__name__
     assert backend.LAYOUT in ("NCHW", "NHWC") and backend.FRAMEWORK in ("PyTorch", "TensorFlow", "MXNet")
     assert all(callable(getattr(backend, name)) for name in CONTRACT if name not in ("NAME", "FRAMEWORK", "LAYOUT"))
+
+
+def test_optimizer_state_semantics_are_the_same_everywhere(backend):
+    """One rule (common.weights.momentum_buffers) in every backend: no state means zero buffers,
+    a state is taken whole or not at all, and a trainer without momentum refuses one."""
+    import numpy as np
+    import pytest
+
+    from common.spec import book_alexnet
+    from common.weights import WeightsError
+
+    spec = book_alexnet().with_input(1, 65, 65)
+    model = backend.build(spec, seed=0, device="cpu")
+    trainer = backend.make_trainer(model, lr=0.01, momentum=0.9)
+    state = {name: np.full(value.shape, 0.25, np.float32) for name, value in trainer.optimizer_state().items()}
+    trainer.load_optimizer_state(state)
+    assert all(np.array_equal(value, state[name]) for name, value in trainer.optimizer_state().items())
+    with pytest.raises(WeightsError, match="missing momentum/fc8.bias"):
+        trainer.load_optimizer_state({k: v for k, v in state.items() if k != "momentum/fc8.bias"})
+    assert all(np.array_equal(value, state[name]) for name, value in trainer.optimizer_state().items())  # untouched
+    trainer.load_optimizer_state({})
+    assert all(not value.any() for value in trainer.optimizer_state().values())
+    with pytest.raises(WeightsError, match="no momentum"):
+        backend.make_trainer(model, lr=0.01).load_optimizer_state(state)

@@ -6,8 +6,8 @@ import pytest
 
 from common.spec import book_alexnet, paper_alexnet
 from common.weights import (
-    WeightsError, check_weights, expected_shapes, init_weights, load_weights_file, nhwc_flatten_permutation,
-    read_npz, save_weights,
+    MOMENTUM_PREFIX, WeightsError, check_weights, expected_shapes, init_weights, load_weights_file, momentum_buffers,
+    nhwc_flatten_permutation, read_npz, save_weights,
 )
 
 
@@ -101,3 +101,29 @@ def test_nhwc_flatten_permutation():
     perm = nhwc_flatten_permutation(spec)
     assert np.array_equal(x.transpose(0, 2, 3, 1).reshape(2, -1), x.reshape(2, -1)[:, perm])
     assert sorted(perm) == list(range(c * h * w))
+
+
+def test_momentum_buffers_checked_in_full_and_zeros_when_absent():
+    spec = book_alexnet()
+    shapes = expected_shapes(spec)
+    zeros = momentum_buffers(spec, 0.9, {})  # a fresh start: PyTorch's buf = g equals 0.9 * 0 + g
+    assert {k: v.shape for k, v in zeros.items()} == shapes and not any(v.any() for v in zeros.values())
+    state = {MOMENTUM_PREFIX + name: np.full(shape, 0.5, np.float32) for name, shape in shapes.items()}
+    assert all((momentum_buffers(spec, 0.9, state)[name] == 0.5).all() for name in shapes)
+    assert momentum_buffers(spec, 0.0, {}) == {}
+
+    broken = dict(state)
+    del broken["momentum/fc8.bias"]
+    broken["momentum/conv1.weight"] = state["momentum/conv1.weight"].astype(np.float64)
+    broken["momentum/fc6.weight"] = np.zeros((4096, 9216), np.float32)
+    broken["momentum/fc9.weight"] = np.zeros(3, np.float32)
+    with pytest.raises(WeightsError) as caught:
+        momentum_buffers(spec, 0.9, broken)
+    message = str(caught.value)
+    assert "momentum buffers do not fit spec 'book'" in message and "(4 problem(s))" in message
+    for problem in ("missing momentum/fc8.bias (10,)", "unexpected momentum/fc9.weight",
+                    "momentum/conv1.weight: dtype float64, expected float32",
+                    "momentum/fc6.weight: shape (4096, 9216), expected (4096, 6400)"):
+        assert problem in message
+    with pytest.raises(WeightsError, match="no momentum, so it keeps no optimizer state: unexpected momentum/conv1.bias"):
+        momentum_buffers(spec, 0.0, state)
