@@ -27,6 +27,42 @@ CONTRACT = (
 DEVICES = ("auto", "cpu", "gpu")
 
 
+@dataclass(frozen=True)
+class SpeedUp:
+    """A framework-specific speed-up: a ``make_trainer`` keyword of one backend, named as its
+    Trainer's ``options`` name it. Each backend switches on by default what is fastest and
+    correct on the device; ``alexnet train``/``compare``/``bench`` take ``--on``/``--off``."""
+
+    name: str
+    backend: str
+    keyword: str
+    what: str
+
+
+SPEED_UPS = {s.name: s for s in (
+    SpeedUp("channels_last", "pt", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels)"),
+    SpeedUp("compile", "pt", "compile", "torch.compile of the forward pass"),
+    SpeedUp("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); on CPU it "
+                                        "is what makes resume bit-exact, and costs speed there"),
+    SpeedUp("hybridize", "mx", "hybridize", "hybridize(static_alloc=True, static_shape=True)"),
+)}
+
+
+def trainer_keywords(backend: str, speed_ups: Mapping[str, bool]) -> dict[str, bool]:
+    """``make_trainer`` keywords of ``backend`` for ``speed_ups`` (speed-up name -> on/off);
+    a name that is unknown or belongs to another backend is an error naming it."""
+    keywords = {}
+    for name, on in speed_ups.items():
+        speed_up = SPEED_UPS.get(name)
+        if speed_up is None:
+            raise ValueError(f"unknown speed-up {name!r}; choose from "
+                             + ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values()))
+        if speed_up.backend != backend:
+            raise ValueError(f"speed-up {name!r} belongs to backend {speed_up.backend}, not {backend}")
+        keywords[speed_up.keyword] = bool(on)
+    return keywords
+
+
 class DeviceError(RuntimeError):
     """A device was asked for that this machine or framework build does not have."""
 

@@ -10,7 +10,7 @@ framework-free: it plans the jobs, reads their JSON results and reports (termina
 ``bench.json`` with every figure and the environment, ``bench.png``).
 
 The framework-specific speed-ups, and the flags that switch them (``--off``, ``--on``, or
-``--ablate`` for each one flipped in turn), are in ``FEATURES``. docs/benchmarks.md has the
+``--ablate`` for each one flipped in turn), are ``common.backend.SPEED_UPS``. docs/benchmarks.md has the
 measurements.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError
-from .cli import EXIT_ERROR, _default_run_dir, _int_list, backend_list, positive_int
+from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, trainer_keywords
+from .cli import (EXIT_ERROR, _default_run_dir, _int_list, add_speed_up_args, backend_list, chosen_speed_ups,
+                  positive_int)
 from .report import format_table, human_bytes
 from .spec import get_spec
 
@@ -45,24 +46,6 @@ RESULT_JSON, RESULT_PNG, LOG_DIR = "bench.json", "bench.png", "logs"
 # CPUs it sees (it assumes hyper-threading), one core of two here, unless OMP_NUM_THREADS or
 # MXNET_OMP_MAX_THREADS is set. The others already use every core; setting it for all keeps them alike.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
-
-
-@dataclass(frozen=True)
-class Feature:
-    """A framework-specific speed-up: a ``make_trainer`` keyword of one backend, named as its Trainer's ``options``."""
-
-    name: str
-    backend: str
-    keyword: str
-    what: str
-
-
-FEATURES = {f.name: f for f in (
-    Feature("channels_last", "pt", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels)"),
-    Feature("compile", "pt", "compile", "torch.compile of the forward pass"),
-    Feature("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True))"),
-    Feature("hybridize", "mx", "hybridize", "hybridize(static_alloc=True, static_shape=True)"),
-)}
 
 
 class BenchError(ValueError):
@@ -87,18 +70,8 @@ def _data_modes(text: str) -> tuple[str, ...]:
     return modes
 
 
-def _features(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in FEATURES]
-    if unknown or not names:
-        choices = ", ".join(f"{f.name} ({f.backend})" for f in FEATURES.values())
-        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {choices}")
-    return names
-
-
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``alexnet bench`` on the CLI's subparsers."""
-    features = "; ".join(f"{f.name} ({f.backend}): {f.what}" for f in FEATURES.values())
     p = subparsers.add_parser(
         "bench", help="throughput per backend: training and inference images/s, MFU, memory",
         description="Time training and inference of each backend, each in its own process, against the "
@@ -121,8 +94,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST files (for --data real)")
     p.add_argument("--baseline", action="store_true",
                    help="also time the book's plain code (benchmarks/plain_*.py) and print our ratio to it")
-    p.add_argument("--off", type=_features, default=(), metavar="FEATURE,...", help=f"switch speed-ups off: {features}")
-    p.add_argument("--on", type=_features, default=(), metavar="FEATURE,...", help="switch speed-ups on")
+    add_speed_up_args(p)
     p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="run every configuration this many times, round robin (noisy machines)")
@@ -156,11 +128,6 @@ class Config:
         return f"{self.backend} {self.variant}"
 
 
-def _overrides(args, backend: str) -> dict[str, bool]:
-    chosen = {name: True for name in args.on} | {name: False for name in args.off}
-    return {name: value for name, value in chosen.items() if FEATURES[name].backend == backend}
-
-
 def _check(args) -> None:
     if args.baseline and args.precision != "fp32":
         raise BenchError("--baseline runs the book's float32 code: use it with --precision fp32")
@@ -169,19 +136,20 @@ def _check(args) -> None:
                          f"MXNet AlexNet pad no first convolution), got {args.input_size}")
     for names in (args.on, args.off):
         for name in names:
-            if FEATURES[name].backend not in args.backends:
-                raise BenchError(f"speed-up {name} belongs to backend {FEATURES[name].backend}, "
+            if SPEED_UPS[name].backend not in args.backends:
+                raise BenchError(f"speed-up {name} belongs to backend {SPEED_UPS[name].backend}, "
                                  f"which is not in --backends {','.join(args.backends)}")
-    both = set(args.on) & set(args.off)
-    if both:
-        raise BenchError(f"--on and --off both name {', '.join(sorted(both))}")
+    try:
+        chosen_speed_ups(args)
+    except ValueError as error:
+        raise BenchError(str(error)) from None
     shapes.check_input(get_spec("book"), (1, args.input_size, args.input_size))
 
 
 def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
     return {
         "backend": config.backend, "impl": config.impl, "batch_size": config.batch_size,
-        "options": {FEATURES[name].keyword: value for name, value in config.options},
+        "options": trainer_keywords(config.backend, dict(config.options)),
         "input_size": args.input_size, "device": args.device, "precision": args.precision,
         "steps": args.steps, "warmup": args.warmup,
         "data": list(args.data) if config.impl != "plain" else ["synthetic"],
@@ -235,12 +203,12 @@ def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None) ->
     """One backend's configurations at one batch size: its default (with --on/--off), the book's
     plain code with --baseline and, with --ablate once ``defaults`` (the options the default run
     resolved) are known, one run per speed-up with that speed-up flipped."""
-    base = _overrides(args, backend)
+    base = chosen_speed_ups(args, backend)
     if defaults is None:
         return [Config(backend, "alexnet", batch, tuple(sorted(base.items())))]
     result = [Config(backend, "plain", batch)] if args.baseline else []
     if args.ablate:
-        for feature in (f for f in FEATURES.values() if f.backend == backend):
+        for feature in (f for f in SPEED_UPS.values() if f.backend == backend):
             state = base.get(feature.name, defaults.get(feature.name))
             if isinstance(state, bool):
                 result.append(Config(backend, "alexnet", batch, tuple(sorted({**base, feature.name: not state}.items()))))
@@ -424,7 +392,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
         for batch in args.batch_sizes:
             for backend in args.backends:
                 (default,) = configs(args, backend, batch, None)
-                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in FEATURES}
+                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in SPEED_UPS}
                 for config in configs(args, backend, batch, resolved):
                     run(config, repeat)
     return results
@@ -509,4 +477,4 @@ def _bench(args) -> int:
     return 0
 
 
-__all__ = ["FEATURES", "PRECISIONS", "BenchError", "Config", "add_bench_parser", "cmd_bench", "summarise", "table"]
+__all__ = ["PRECISIONS", "BenchError", "Config", "add_bench_parser", "cmd_bench", "summarise", "table"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError, load_backend
+from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, load_backend, trainer_keywords
 from .report import format_table, human_bytes
 from .spec import VARIANTS, SpecError, get_spec
 from .weights import WeightsError
@@ -52,6 +52,32 @@ def backend_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} or all")
     return names
+
+
+def speed_up_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [n for n in names if n not in SPEED_UPS]
+    if unknown or not names:
+        choices = ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values())
+        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {choices}")
+    return names
+
+
+def add_speed_up_args(parser) -> None:
+    """``--on``/``--off``: switch a backend's speed-ups against its defaults (``common.backend.SPEED_UPS``)."""
+    described = "; ".join(f"{s.name} ({s.backend}): {s.what}" for s in SPEED_UPS.values())
+    parser.add_argument("--off", type=speed_up_list, default=(), metavar="SPEEDUP,...",
+                        help=f"switch speed-ups off: {described}")
+    parser.add_argument("--on", type=speed_up_list, default=(), metavar="SPEEDUP,...", help="switch speed-ups on")
+
+
+def chosen_speed_ups(args, backend: str | None = None) -> dict[str, bool]:
+    """--on/--off as {name: on}; with ``backend``, only that backend's (a multi-backend command)."""
+    both = sorted(set(args.on) & set(args.off))
+    if both:
+        raise ValueError(f"--on and --off both name {', '.join(both)}")
+    chosen = {name: True for name in args.on} | {name: False for name in args.off}
+    return {name: on for name, on in chosen.items() if backend is None or SPEED_UPS[name].backend == backend}
 
 
 def summary_backends(text: str) -> list[str]:
@@ -147,14 +173,15 @@ def _add_train_args(parser):
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_speed_up_args(parser)
 
 
 def _training_spec(args):
     return get_spec("book").with_input(1, args.input_size)
 
 
-def _fit_kwargs(args) -> dict:
-    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+def _fit_kwargs(args, backend: str) -> dict:
+    return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
                 limit_test=args.limit_test, progress=not args.no_progress)
 
@@ -166,11 +193,12 @@ def _default_run_dir(label: str) -> Path:
 def cmd_train(args) -> int:
     from .data import FashionMNIST
 
+    trainer_keywords(args.backend, chosen_speed_ups(args))  # a wrong --on/--off fails before any work
     backend = load_backend(args.backend)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     run_dir = args.run_dir or _default_run_dir(args.backend)
     model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-    history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, **_fit_kwargs(args))
+    history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, **_fit_kwargs(args, None))
     from .train import RUN_FILES
 
     print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")
@@ -200,7 +228,7 @@ def cmd_compare(args) -> int:
     for name in args.backends:
         backend = load_backend(name)
         model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-        histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args))
+        histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args, name))
     plot = plot_curves(histories, run_dir / "compare.png")
     rows = [(name, h.last["train_loss"], h.last["test_loss"], h.last["test_acc"], h.last["images_per_s"])
             for name, h in histories.items()]

@@ -16,13 +16,14 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import data as fmnist
+from .backend import trainer_keywords
 from .weights import read_npz, save_weights
 
 CHECKPOINT = "checkpoint.npz"
@@ -53,6 +54,9 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     input_size: tuple[int, int] = (224, 224)
+    # The trainer's speed options as resolved (Trainer.options): they change the rounding, and
+    # TensorFlow's "xla" whether a resumed run repeats an uninterrupted one bit for bit.
+    trainer_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         for name in ("epochs", "batch_size"):
@@ -74,6 +78,7 @@ class TrainConfig:
         fields = asdict(self)
         fields.pop("epochs")
         fields["input_size"] = list(self.input_size)
+        fields["trainer_options"] = dict(self.trainer_options)
         return fields
 
 
@@ -113,13 +118,15 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
         lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
         run_dir: str | os.PathLike | None = None, resume: bool = False, limit_train: int | None = None,
         limit_test: int | None = None, data_dir: str | os.PathLike | None = None,
-        progress: bool = True) -> History:
+        progress: bool = True, speed_ups: Mapping[str, bool] | None = None) -> History:
     """Train ``model`` with the book's recipe by default (SGD lr 0.01, batch 128, 10 epochs).
 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
     every epoch (the checkpoint atomically); ``resume=True`` continues from its checkpoint
-    with the very batches an uninterrupted run would have used next.
+    with the very batches an uninterrupted run would have used next. ``speed_ups`` switches the
+    backend's speed-ups against its defaults (``common.backend.SPEED_UPS``, e.g. ``{"xla": False}``).
     """
+    keywords = trainer_keywords(backend.NAME, speed_ups or {})
     spec = backend.model_spec(model)
     config = TrainConfig(backend.NAME, epochs, batch_size, lr, momentum, weight_decay, seed,
                          limit_train, limit_test, spec.input_size)
@@ -128,7 +135,8 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     data = data if data is not None else fmnist.FashionMNIST.load(data_dir, progress=progress)
     train_x, train_y = data.train_images[:limit_train], data.train_labels[:limit_train]
     test_x, test_y = data.test_images[:limit_test], data.test_labels[:limit_test]
-    trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, **keywords)
+    config = replace(config, trainer_options=tuple(sorted(trainer.options.items())))
     run = Path(run_dir) if run_dir is not None else None
     history = History(backend.NAME)
     position = _Position()
@@ -270,6 +278,7 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
     except (KeyError, TypeError, ValueError) as error:
         raise TrainingError(f"{path}: not a training checkpoint of this project ({error})") from None
     wanted = config.comparable()
+    saved.setdefault("trainer_options", wanted["trainer_options"])  # checkpoints from before they were recorded
     differences = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differences:
         raise TrainingError(f"{path} was written by a different run; resume with the same settings:\n  "

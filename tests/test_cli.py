@@ -133,3 +133,14 @@ def test_parity_command_fails_loudly_on_a_transposed_dense_kernel(all_backends, 
     fc7 = next(line for line in out.splitlines() if line.startswith("fc7 "))
     assert fc7.split()[1] != "FAIL" and "FAIL" in fc7  # pt passes, tf fails on that very layer
     assert out.rstrip().splitlines()[-1].startswith("FAIL")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "pt", "--off", "xla"], "speed-up 'xla' belongs to backend tf, not pt"),
+    (["--backend", "tf", "--on", "xla", "--off", "xla"], "--on and --off both name xla"),
+    (["--backend", "mx", "--off", "turbo"], "argument --off: unknown speed-up(s) ['turbo']"),
+])
+def test_train_speed_up_flags_are_checked_before_any_work(args, message, tmp_path):
+    result = run("train", *args, "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing-here"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()

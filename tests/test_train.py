@@ -9,6 +9,7 @@ import signal
 import numpy as np
 import pytest
 
+from common.backend import SPEED_UPS
 from common.data import FashionMNIST
 from common.spec import book_alexnet
 from common.train import CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, STEPS_CSV, TrainingError, fit
@@ -125,6 +126,28 @@ def test_resume_refuses_a_different_run(backend, tiny_data, tmp_path):
         fit(backend, model, tiny_data, epochs=2, run_dir=tmp_path, **SETTINGS)
     with pytest.raises(TrainingError, match="no checkpoint"):
         fit(backend, model, tiny_data, epochs=2, run_dir=tmp_path / "empty", resume=True, **SETTINGS)
+
+
+def test_speed_ups_are_recorded_and_a_resume_must_keep_them(backend, tiny_data, tmp_path):
+    (speed_up, *_) = [s for s in SPEED_UPS.values() if s.backend == backend.NAME]
+    model = backend.build(SPEC, seed=1, device="cpu")
+    fit(backend, model, tiny_data, epochs=1, run_dir=tmp_path, **SETTINGS)
+    recorded = json.loads(str(read_npz(tmp_path / CHECKPOINT)["meta/config"]))["trainer_options"]
+    default = recorded[speed_up.name]
+    assert isinstance(default, bool) and recorded["precision"] == "fp32"
+    flipped = {speed_up.name: not default}
+    with pytest.raises(TrainingError, match=f"trainer_options: checkpoint .*'{speed_up.name}': {default}"):
+        fit(backend, model, tiny_data, epochs=2, run_dir=tmp_path, resume=True, speed_ups=flipped, **SETTINGS)
+    fit(backend, model, tiny_data, epochs=1, run_dir=tmp_path / "flipped", speed_ups=flipped, **SETTINGS)
+    recorded = json.loads(str(read_npz(tmp_path / "flipped" / CHECKPOINT)["meta/config"]))["trainer_options"]
+    assert recorded[speed_up.name] is (not default)
+
+
+def test_another_backends_speed_up_is_refused(backend, tiny_data):
+    other = next(s for s in SPEED_UPS.values() if s.backend != backend.NAME)
+    model = backend.build(SPEC, device="cpu")
+    with pytest.raises(ValueError, match=f"speed-up '{other.name}' belongs to backend {other.backend}, not {backend.NAME}"):
+        fit(backend, model, tiny_data, speed_ups={other.name: False}, **SETTINGS)
 
 
 @pytest.mark.parametrize("bad, message", [
