@@ -118,8 +118,8 @@ def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
 
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  jit_compile: bool | None = None, precision: str = "fp32") -> Trainer:
-    """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default on: see
-    ``_trainer.JIT_TRAIN``) compiles the train step with XLA; ``precision`` "bf16" computes in
+    """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default: on a GPU only,
+    see ``_model.xla_by_default``) compiles the train step with XLA; ``precision`` "bf16" computes in
     bfloat16 with float32 weights (default "fp32", what the parity suite checks)."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, jit_compile=jit_compile,
                    precision=precision)

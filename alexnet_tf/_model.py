@@ -199,6 +199,15 @@ def params(model) -> tuple[Param, ...]:
     return memo["params"]
 
 
+def xla_by_default(device: str) -> bool:
+    """Whether training-mode functions (the train step, ``loss_and_grads``) are XLA-compiled by
+    default on ``device`` (a tf.device string). Not on CPU: oneDNN's plain graph trained 1.4x
+    faster there (docs/benchmarks.md) and is just as reproducible. On a GPU, where XLA
+    usually pays by fusing the elementwise work (not measured by this project: no GPU here;
+    ``alexnet bench --device gpu --ablate`` shows it)."""
+    return "GPU" in device.upper()
+
+
 def compile_fn(fn, **kwargs):
     """``tf.function(fn, **kwargs)``, one per model or trainer by design. TensorFlow counts traces
     by code object across instances and would warn about "retracing" once a process has
@@ -247,9 +256,9 @@ def compiled_loss_and_grads(model):
                     loss = tf.reduce_mean(cross_entropy(logits, labels))
                 return loss, tape.gradient(loss, variables)
 
-        # XLA like the train step (see _trainer.JIT_TRAIN): the same gradients a step applies
+        # compiled as the train step is by default: the same kernels, so the gradients a step applies
         memo["loss_and_grads"] = compile_fn(
             loss_and_grads, input_signature=[input_signature(spec_of(model)), tf.TensorSpec((None,), tf.int64)],
-            jit_compile=True,
+            jit_compile=xla_by_default(device),
         )
     return memo["loss_and_grads"]

@@ -1,4 +1,4 @@
-"""SGD with PyTorch's semantics as one compiled TensorFlow step.
+"""SGD with PyTorch's semantics as one compiled TensorFlow step (a ``tf.function``; XLA on a GPU).
 
 ``torch.optim.SGD``: g = grad + weight_decay * w (coupled L2, every parameter, biases too);
 buf = momentum * buf + g (buf = g on the first step); w -= lr * buf. Keras' own SGD differs
@@ -15,25 +15,19 @@ import numpy as np
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
 from ._framework import keras, tf
-from ._model import compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run, spec_of
+from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run,
+                     spec_of, xla_by_default)
 
-# The train step is compiled with XLA (jit_compile=True) because that makes it deterministic:
-# on CPU, TensorFlow's oneDNN kernels (conv weight gradients, measured on conv1-conv4) and
-# even its plain Eigen kernels (BiasAddGrad, with TF_ENABLE_ONEDNN_OPTS=0) round differently
-# from run to run depending on thread scheduling, so two runs from the same weights and seeds
-# drifted apart in the last bits within a few steps and a resumed run did not repeat an
-# uninterrupted one. Under XLA, 8 repeated 5-step runs were bit-identical. Cost, measured on
-# 2 shared CPU cores (batch 32, momentum + weight decay): 1x67x67 about 10% faster with XLA,
-# 1x96x96 equal, 1x112x112 (batch 64) and 1x224x224 about 15% slower; the first step
-# compiles for 2-3 s. Evaluation changes no state, so it keeps the plain graph (faster).
-# `alexnet bench --ablate` later measured the 1x224x224 batch-128 step 32% slower with XLA
-# (36.8 against 54.3 images/s, docs/benchmarks.md): the price of bit-exact resume on CPU.
-# Ways to make the faster plain graph reproducible were tried and failed (1x224x224, batch
-# 32, momentum + weight decay, 4-6 steps repeated in one process and across processes):
-# tf.config.experimental.enable_op_determinism() (still off by up to 1e-5 after 3 steps),
-# that plus grappler's remapper off (1e-9), inter-op threads = 1 (2e-6), and determinism
-# plus inter-op threads = 1 (identical within one process, 6e-5 apart across processes).
-JIT_TRAIN = True
+# Reproducibility on CPU: the step used to write the update as three ops (buf = m*buf + g;
+# read buf; w -= lr*buf). With momentum *and* weight decay on, two traces of that step (two
+# trainers, or two processes) gave results that differed in the last bit, so a resumed run did
+# not repeat an uninterrupted one; the kernels were not the cause: with either option alone,
+# and for the gradients themselves, repeated runs were bit-identical. The update is therefore
+# TensorFlow's own fused kernel, ResourceApplyMomentum (accum = accum * m + g; var -= lr *
+# accum: PyTorch's rule), and 9 trainers in 3 processes (1x224x224, batch 32, dropout,
+# momentum 0.9, weight decay 5e-4, 4 steps) then ended bit-identical without XLA. An
+# XLA-compiled step is reproducible too, but 30% slower on CPU (docs/benchmarks.md), so XLA
+# is the default on a GPU only (``_model.xla_by_default``).
 JIT_EVAL = False
 
 # Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).
@@ -74,10 +68,10 @@ class Trainer:
             raise ValueError(f"the TensorFlow backend supports precision {' or '.join(PRECISIONS)}, got {precision!r} "
                              "(fp16 would need loss scaling)")
         self.precision = precision
-        self.jit_compile = JIT_TRAIN if jit_compile is None else bool(jit_compile)
         self.model = model
         self.spec = spec_of(model)
         self.device = device_of(model)
+        self.jit_compile = xla_by_default(self.device) if jit_compile is None else bool(jit_compile)
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self._params = params(model)
@@ -124,11 +118,11 @@ class Trainer:
             for index, (variable, grad) in enumerate(zip(self._variables, grads)):
                 if self.weight_decay:
                     grad = grad + self.weight_decay * variable.value
-                if self.momentum:
-                    buffer = self._buffers[index]
-                    buffer.assign(self.momentum * buffer + grad)
-                    grad = buffer.read_value()
-                variable.assign_sub(lr * grad)
+                if self.momentum:  # one fused kernel: reproducible (see the note at the top)
+                    tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle, lr=lr,
+                                                     grad=grad, momentum=tf.constant(self.momentum, tf.float32))
+                else:
+                    variable.assign_sub(lr * grad)
             return loss, correct_count(logits, labels)
 
     def _eval_fn(self, x, labels):

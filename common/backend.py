@@ -42,8 +42,8 @@ class SpeedUp:
 SPEED_UPS = {s.name: s for s in (
     SpeedUp("channels_last", "pt", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels)"),
     SpeedUp("compile", "pt", "compile", "torch.compile of the forward pass"),
-    SpeedUp("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); on CPU it "
-                                        "is what makes resume bit-exact, and costs speed there"),
+    SpeedUp("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
+                                        "a GPU, off on CPU (slower there)"),
     SpeedUp("hybridize", "mx", "hybridize", "hybridize(static_alloc=True, static_shape=True)"),
 )}
 

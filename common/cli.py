@@ -183,7 +183,7 @@ def _training_spec(args):
 def _fit_kwargs(args, backend: str) -> dict:
     return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
-                limit_test=args.limit_test, progress=not args.no_progress)
+                limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True)
 
 
 def _default_run_dir(label: str) -> Path:

@@ -118,14 +118,17 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
         lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0,
         run_dir: str | os.PathLike | None = None, resume: bool = False, limit_train: int | None = None,
         limit_test: int | None = None, data_dir: str | os.PathLike | None = None,
-        progress: bool = True, speed_ups: Mapping[str, bool] | None = None) -> History:
+        progress: bool = True, speed_ups: Mapping[str, bool] | None = None,
+        log_epochs: bool | None = None) -> History:
     """Train ``model`` with the book's recipe by default (SGD lr 0.01, batch 128, 10 epochs).
 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
     every epoch (the checkpoint atomically); ``resume=True`` continues from its checkpoint
     with the very batches an uninterrupted run would have used next. ``speed_ups`` switches the
     backend's speed-ups against its defaults (``common.backend.SPEED_UPS``, e.g. ``{"xla": False}``).
+    ``progress`` shows progress bars; ``log_epochs`` (default: as ``progress``) prints a line per epoch.
     """
+    log_epochs = progress if log_epochs is None else log_epochs
     keywords = trainer_keywords(backend.NAME, speed_ups or {})
     spec = backend.model_spec(model)
     config = TrainConfig(backend.NAME, epochs, batch_size, lr, momentum, weight_decay, seed,
@@ -190,7 +193,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                     _save_run(run, config, backend, model, trainer, position, history)
                 if interrupt.requested:
                     raise KeyboardInterrupt
-                if progress:
+                if log_epochs:
                     row = history.last
                     print(f"{backend.NAME} epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
                           f"acc {row['train_acc']:.3f}, test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f}, "

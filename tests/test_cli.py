@@ -87,6 +87,7 @@ def test_train_then_evaluate_on_real_data(backend, tmp_path, capsys):
               "--no-progress"]
     assert main(["train", *common, "--epochs", "1", "--limit-train", "64", "--batch-size", "32",
                  "--run-dir", str(run_dir)]) == 0
+    assert f"{backend.NAME} epoch 1: train loss" in capsys.readouterr().out  # --no-progress: no bars, results still
     assert {p.name for p in run_dir.iterdir()} == {"checkpoint.npz", "metrics.csv", "metrics.json", "curves.png", "steps.csv"}
     assert main(["evaluate", *common, "--weights", str(run_dir / "checkpoint.npz")]) == 0
     assert "test accuracy" in capsys.readouterr().out

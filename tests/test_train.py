@@ -5,6 +5,9 @@ Real-data convergence lives in test_convergence.py.
 import json
 import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +18,23 @@ from common.spec import book_alexnet
 from common.train import CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, STEPS_CSV, TrainingError, fit
 from common.weights import read_npz
 
+ROOT = Path(__file__).resolve().parents[1]
 SPEC = book_alexnet().with_input(1, 65, 65)  # the smallest valid input keeps these tests quick
 SETTINGS = dict(batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=3, progress=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_data():
+def tiny_fashion_mnist() -> FashionMNIST:
+    """40 training and 16 test images of noise, the same in every process."""
     rng = np.random.default_rng(0)
     return FashionMNIST(
         rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), rng.integers(0, 10, 40).astype(np.int64),
         rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), rng.integers(0, 10, 16).astype(np.int64),
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return tiny_fashion_mnist()
 
 
 class Faulty:
@@ -87,6 +96,31 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, t
     assert_same_weights(backend.export_weights(second), backend.export_weights(full))
     assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in expected.rows]
     assert resumed.steps == expected.steps
+
+
+FIT_IN_A_NEW_PROCESS = """
+import sys
+from common.backend import load_backend
+from common.train import fit
+from tests.test_train import SETTINGS, SPEC, tiny_fashion_mnist
+backend = load_backend(sys.argv[1])
+model = backend.build(SPEC, seed=int(sys.argv[4]), device="cpu")
+fit(backend, model, tiny_fashion_mnist(), epochs=int(sys.argv[2]), run_dir=sys.argv[3], resume=sys.argv[5] == "1",
+    **SETTINGS)
+"""
+
+
+def test_resume_in_a_new_process_equals_an_uninterrupted_run(backend, tiny_data, tmp_path):
+    """What users do: stop, and resume later in another process (its own traces, allocations, threads)."""
+    full = backend.build(SPEC, seed=1, device="cpu")
+    fit(backend, full, tiny_data, epochs=2, run_dir=tmp_path / "full", **SETTINGS)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for epochs, seed, resume in ((1, 1, "0"), (2, 99, "1")):
+        result = subprocess.run([sys.executable, "-c", FIT_IN_A_NEW_PROCESS, backend.NAME, str(epochs),
+                                 str(tmp_path / "split"), str(seed), resume],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_weights(weights_of(tmp_path / "split"), backend.export_weights(full))
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_matches(backend, tiny_data, tmp_path):
