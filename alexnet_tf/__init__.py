@@ -5,7 +5,7 @@ the import. Keras-specific facts handled here and nowhere else: NHWC activations
 first dense layer's canonical NCHW columns are permuted on load and back on export),
 kernels stored (kH, kW, in/groups, out) and (in, out), explicit ``ZeroPadding2D`` before
 every 'valid' convolution, and SGD with PyTorch's semantics in one ``tf.function`` step,
-XLA-compiled because that is what makes it deterministic on CPU (see ``_trainer``).
+reproducible bit for bit on CPU (see ``_trainer``), XLA-compiled by default on a GPU only.
 """
 from __future__ import annotations
 

@@ -54,8 +54,8 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     input_size: tuple[int, int] = (224, 224)
-    # The trainer's speed options as resolved (Trainer.options): they change the rounding, and
-    # TensorFlow's "xla" whether a resumed run repeats an uninterrupted one bit for bit.
+    # The trainer's speed options as resolved (Trainer.options): they change the rounding, so a
+    # resumed run repeats an uninterrupted one bit for bit only with the same ones.
     trainer_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):

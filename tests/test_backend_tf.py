@@ -371,9 +371,8 @@ def test_train_step_dropout_is_a_function_of_the_seed():
 @needs_tf
 def test_resumed_training_repeats_an_uninterrupted_run_bit_for_bit():
     """Weights and momentum exported after two steps, loaded into a fresh model and trainer,
-    then two more steps: bit-identical to four uninterrupted steps. TensorFlow's default CPU
-    kernels are not run-to-run deterministic (thread scheduling changes the rounding of
-    conv weight gradients), which is why the train step is compiled with XLA."""
+    then two more steps: bit-identical to four uninterrupted steps. With momentum and weight
+    decay both on, an update written as separate ops was not (see ``alexnet_tf._trainer``)."""
     weights = init_weights(SMALL, 2)
     rng = np.random.default_rng(2)
     batches = [(rng.standard_normal((8, 67, 67, 1)).astype(np.float32), rng.integers(0, 10, 8)) for _ in range(4)]
