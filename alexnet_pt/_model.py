@@ -57,7 +57,7 @@ def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool
     """Whether a model on ``device`` computing in ``precision`` is fastest channels-last (NHWC).
 
     On CPU always: oneDNN runs its native NHWC convolutions instead of reordering around each
-    call (docs/benchmarks.md: +13% training, +26% inference at 1x224x224, batch 128). On a GPU
+    call (docs/benchmarks.md: +11% training, +25% inference at 1x224x224, batch 128). On a GPU
     with mixed precision only (cuDNN's tensor-core kernels are NHWC); float32 GPU models stay
     NCHW. The same arithmetic summed in another order: results move by about 1e-6 relative,
     well inside the parity suite's tolerances. ``build`` and the trainer's default both ask

@@ -114,13 +114,13 @@ class Trainer:
                     logits = tf.cast(run(self.model, x, training=True, seed=seed), tf.float32)
                 loss = tf.reduce_mean(cross_entropy(logits, labels))
             grads = tape.gradient(loss, self._variables)
-            lr = self._lr
+            lr, momentum = self._lr, tf.constant(self.momentum, tf.float32)
             for index, (variable, grad) in enumerate(zip(self._variables, grads)):
                 if self.weight_decay:
                     grad = grad + self.weight_decay * variable.value
                 if self.momentum:  # one fused kernel: reproducible (see the note at the top)
                     tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle, lr=lr,
-                                                     grad=grad, momentum=tf.constant(self.momentum, tf.float32))
+                                                     grad=grad, momentum=momentum)
                 else:
                     variable.assign_sub(lr * grad)
             return loss, correct_count(logits, labels)

@@ -48,6 +48,11 @@ SPEED_UPS = {s.name: s for s in (
 )}
 
 
+def speed_up_choices() -> str:
+    """The speed-up names and their backends, for error messages: "channels_last (pt), ..."."""
+    return ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values())
+
+
 def trainer_keywords(backend: str, speed_ups: Mapping[str, bool]) -> dict[str, bool]:
     """``make_trainer`` keywords of ``backend`` for ``speed_ups`` (speed-up name -> on/off);
     a name that is unknown or belongs to another backend is an error naming it."""
@@ -55,8 +60,7 @@ def trainer_keywords(backend: str, speed_ups: Mapping[str, bool]) -> dict[str, b
     for name, on in speed_ups.items():
         speed_up = SPEED_UPS.get(name)
         if speed_up is None:
-            raise ValueError(f"unknown speed-up {name!r}; choose from "
-                             + ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values()))
+            raise ValueError(f"unknown speed-up {name!r}; choose from {speed_up_choices()}")
         if speed_up.backend != backend:
             raise ValueError(f"speed-up {name!r} belongs to backend {speed_up.backend}, not {backend}")
         keywords[speed_up.keyword] = bool(on)

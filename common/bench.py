@@ -36,6 +36,7 @@ from .cli import (EXIT_ERROR, _default_run_dir, _int_list, add_speed_up_args, ba
                   positive_int)
 from .report import format_table, human_bytes
 from .spec import get_spec
+from .train import write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -349,9 +350,7 @@ def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Pat
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- the command

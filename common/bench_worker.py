@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.train import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 PLAIN_DIR = ROOT / "benchmarks"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
@@ -335,9 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result = {"error": str(error) or type(error).__name__, "error_type": type(error).__name__}
         code = 1
-    tmp = Path(job["result"] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, job["result"])
+    write_text_atomic(Path(job["result"]), json.dumps(result))
     return code
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, load_backend, trainer_keywords
+from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, load_backend, speed_up_choices
 from .report import format_table, human_bytes
 from .spec import VARIANTS, SpecError, get_spec
 from .weights import WeightsError
@@ -58,8 +58,7 @@ def speed_up_list(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [n for n in names if n not in SPEED_UPS]
     if unknown or not names:
-        choices = ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values())
-        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {choices}")
+        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {speed_up_choices()}")
     return names
 
 
@@ -191,14 +190,12 @@ def _default_run_dir(label: str) -> Path:
 
 
 def cmd_train(args) -> int:
-    from .data import FashionMNIST
-
-    trainer_keywords(args.backend, chosen_speed_ups(args))  # a wrong --on/--off fails before any work
     backend = load_backend(args.backend)
-    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     run_dir = args.run_dir or _default_run_dir(args.backend)
     model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-    history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, **_fit_kwargs(args, None))
+    # fit checks --on/--off, then loads the data: a wrong flag fails before that work
+    history = backend.fit(model, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
+                          **_fit_kwargs(args, None))
     from .train import RUN_FILES
 
     print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")

@@ -294,17 +294,18 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
 def write_metrics(run: Path, history: History) -> None:
     """metrics.json, metrics.csv (per epoch) and steps.csv (per step), each replaced atomically."""
     run.mkdir(parents=True, exist_ok=True)
-    _atomic_text(run / METRICS_JSON, json.dumps(history.rows, indent=2) + "\n")
+    write_text_atomic(run / METRICS_JSON, json.dumps(history.rows, indent=2) + "\n")
     for name, rows in ((METRICS_CSV, history.rows), (STEPS_CSV, history.steps)):
         if rows:
             text = io.StringIO()
             writer = csv.DictWriter(text, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-            _atomic_text(run / name, text.getvalue())
+            write_text_atomic(run / name, text.getvalue())
 
 
-def _atomic_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` into ``path``, which appears only complete: a crash leaves the old file or none."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
