@@ -41,7 +41,13 @@ def input_shape_arg(text: str) -> tuple[int, int, int]:
 
 
 def positive_int(text: str) -> int:
-    return _int_list(text, name="value", count=1)[0]
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def backend_list(text: str) -> list[str]:

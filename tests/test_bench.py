@@ -144,7 +144,7 @@ def test_summary_and_table_from_worker_results():
     (["--precision", "fp64"], "argument --precision: invalid choice: 'fp64'"),
     (["--data", "imagenet"], "argument --data: choose synthetic, real or synthetic,real"),
     (["--off", "turbo"], "argument --off: unknown speed-up(s) ['turbo']"),
-    (["--steps", "0"], "values must be positive"),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got '0'"),
     (["--warmup", "-1"], "argument --warmup: must be an integer >= 0"),
     (["--backends", "jax"], "unknown backend(s) ['jax']"),
     (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),

@@ -44,7 +44,7 @@ def test_too_small_input_is_a_one_line_error():
     (["summary", "--input", "1,a,3"], "--input (C,H,W) must be comma-separated integers"),
     (["summary", "--input", "1,224"], "needs 3 comma-separated integers"),
     (["summary", "--backend", "jax"], "unknown backend(s) ['jax']"),
-    (["train", "--backend", "pt", "--epochs", "0"], "values must be positive"),
+    (["train", "--backend", "pt", "--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
 ])
 def test_bad_flags_name_the_flag(args, message):
     result = run(*args)
