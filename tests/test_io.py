@@ -1,0 +1,66 @@
+"""common.io: the one atomic writer."""
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from common import io
+
+
+def test_write_replaces_whole_file_and_keeps_ordinary_mode(tmp_path):
+    target = tmp_path / "sub" / "a.txt"
+    io.write_text_atomic(target, "one")
+    io.write_text_atomic(target, "two")
+    assert target.read_text() == "two"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in target.parent.iterdir()] == ["a.txt"]
+
+
+def test_failure_inside_the_block_leaves_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "w.npz"
+    io.write_bytes_atomic(target, b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_path(target) as tmp:
+            np.savez(tmp, a=np.zeros(3))
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
+
+
+def test_temporary_name_keeps_the_final_suffix(tmp_path):
+    tmp = io.temporary_name(tmp_path / "model.weights.h5")
+    assert tmp.name.endswith("-model.weights.h5") and tmp.name.startswith(io.TEMP_PREFIX)
+    assert tmp.parent == tmp_path
+
+
+def test_writer_that_produces_nothing_is_an_error(tmp_path):
+    with pytest.raises(OSError, match="produced no file"):
+        with io.atomic_path(tmp_path / "x.bin"):
+            pass
+    assert not (tmp_path / "x.bin").exists()
+
+
+def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".tmp-{dead_pid}-0123abcd-checkpoint.npz"
+    live = tmp_path / f".tmp-{os.getpid()}-0123abcd-checkpoint.npz"
+    keep = tmp_path / "checkpoint.npz"
+    for p in (stale, live, keep):
+        p.write_bytes(b"x")
+    assert io.remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, keep.name])
+
+
+def test_check_writable_names_the_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"output folder .*file.* is not writable"):
+        io.check_writable(blocker / "run")
+    assert io.check_writable(tmp_path / "run").is_dir()
+    assert list((tmp_path / "run").iterdir()) == []
