@@ -1,34 +1,44 @@
-"""AlexNet in MXNet Gluon (1.9), built from ``common.spec``; layout NCHW.
+"""AlexNet in MXNet Gluon (1.9), built from ``common.spec`` (layout NCHW).
 
-The same public names as ``alexnet_pt`` and ``alexnet_tf`` (see ``common.backend``): a user
-switches framework by changing one import.
+The public names are the contract of ``common.backend.Backend``; switching framework is
+changing this import for ``alexnet_pt`` or ``alexnet_tf``::
+
+    import alexnet_mx as alexnet
+    model = alexnet.build()                       # the book's AlexNet, 10 classes
+    alexnet.layer_summary(model, (1, 1, 224, 224))
+
+The face only: what this backend can do (``CAPABILITIES``) and the public names. Where each
+thing lives: ``_framework`` (the numpy shim and thread default MXNet needs before import,
+importing and configuring MXNet), ``_model`` (build, run, weights in/out, native
+checkpoints), ``_trainer`` (the optimizer step through ``gluon.Trainer``).
 """
-from . import _compat  # noqa: F401  (first: restores numpy.bool before mxnet is imported)
-
-import common.backend as _backend
 from common.backend import CONTRACT as _CONTRACT
+from common.backend import Capabilities, SpeedUp
+from common.backend import bound_layer_summary as _bound_layer_summary
+from common.train import bound_fit as _bound_fit
 
-from ._framework import mx  # noqa: F401  (ImportError naming the 'mxnet' extra when missing)
-from ._net import (
-    AlexNet,
-    build,
-    disable_tf32,
-    export_weights,
-    forward,
-    gpu_available,
-    load_native,
-    load_weights,
-    loss_and_grads,
-    model_spec,
-    param_counts,
-    parameter_devices,
-    save_native,
+# Read by common without importing MXNet: literals and SpeedUp(...) only.
+CAPABILITIES = Capabilities(
+    name="mx", framework="MXNet", extra="mxnet", layout="NCHW",
+    precisions=("fp32",), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
+    speed_ups=(
+        SpeedUp("hybridize", "hybridize", "hybridize(static_alloc=True, static_shape=True)",
+                default_on=("cpu", "gpu")),
+    ),
+    native_suffixes=(".params",),
 )
-from ._trainer import Trainer, make_trainer
+NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
-NAME = "mx"
-FRAMEWORK = "MXNet"
-LAYOUT = "NCHW"
-layer_summary, fit = _backend.shared_functions(__name__)
+from ._framework import (  # noqa: E402  (the numpy shim, then MXNet: an ImportError names the extra)
+    disable_tf32, gpu_available, matmul_products, peak_device_memory, runtime_info, synchronize,
+)
+from ._model import (  # noqa: E402
+    AlexNet, build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
+    parameter_devices, save_native,
+)
+from ._trainer import Trainer, make_trainer  # noqa: E402
+
+layer_summary = _bound_layer_summary(__name__)
+fit = _bound_fit(__name__)
 
 __all__ = [*_CONTRACT, "AlexNet"]

@@ -22,8 +22,9 @@ import numpy as np
 
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
+from . import CAPABILITIES
 from ._framework import mx
-from ._net import AlexNet, _canonical_params, _check_model, _labels, _to_input
+from ._model import AlexNet, _canonical_params, _check_model, _labels, _to_input
 
 gluon = mx.gluon
 
@@ -62,9 +63,7 @@ class Trainer:
         self.model = _check_model(model)
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
-        if precision != "fp32":
-            raise ValueError(f"the MXNet backend trains in fp32 only, got precision {precision!r}")
-        self.precision = precision
+        self.precision = CAPABILITIES.check_precision(precision)
         # build() hybridizes every model with static memory and shapes (Gluon's fast path); None
         # keeps that, False runs the blocks imperatively (to measure what hybridizing buys).
         if hybridize is not None:

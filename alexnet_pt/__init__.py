@@ -6,39 +6,39 @@ changing this import for ``alexnet_tf`` or ``alexnet_mx``::
     import alexnet_pt as alexnet
     model = alexnet.build()                       # the book's AlexNet, 10 classes
     alexnet.layer_summary(model, (1, 1, 224, 224))
+
+The face only: what this backend can do (``CAPABILITIES``) and the public names. Where each
+thing lives: ``_framework`` (importing and configuring PyTorch), ``_model`` (build, run,
+weights in/out, native checkpoints), ``_trainer`` (the optimizer step).
 """
-from __future__ import annotations
-
-from common.backend import shared_functions as _shared_functions
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import require_framework as _require_framework
+from common.backend import Capabilities, SpeedUp
+from common.backend import bound_layer_summary as _bound_layer_summary
+from common.train import bound_fit as _bound_fit
 
-_require_framework("torch", "torch", "PyTorch")  # an ImportError that names the extra
+# Read by common without importing PyTorch: literals and SpeedUp(...) only.
+CAPABILITIES = Capabilities(
+    name="pt", framework="PyTorch", extra="torch", layout="NCHW",
+    precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
+    speed_ups=(
+        SpeedUp("channels_last", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels); "
+                "default on CPU, and on a GPU with bf16/fp16", default_on=("cpu",)),
+        SpeedUp("compile", "compile", "torch.compile of the forward pass"),
+    ),
+    native_suffixes=(".pt", ".pth"),
+)
+NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
-from ._model import (  # noqa: E402  (after the framework check on purpose)
-    build,
-    disable_tf32,
-    export_weights,
-    forward,
-    gpu_available,
-    load_native,
-    load_weights,
-    loss_and_grads,
-    model_spec,
-    param_counts,
-    parameter_devices,
-    save_native,
+from ._framework import (  # noqa: E402  (imports PyTorch: an ImportError names the extra)
+    disable_tf32, gpu_available, matmul_products, peak_device_memory, runtime_info, synchronize,
+)
+from ._model import (  # noqa: E402
+    build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
+    parameter_devices, save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
-NAME = "pt"
-FRAMEWORK = "PyTorch"
-LAYOUT = "NCHW"
-layer_summary, fit = _shared_functions(__name__)
-
-
-
-
-
+layer_summary = _bound_layer_summary(__name__)
+fit = _bound_fit(__name__)
 
 __all__ = [*_CONTRACT]

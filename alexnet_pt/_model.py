@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import spec as S
-from common.backend import choose_device
+from common.io import atomic_path
 from common.shapes import conv_in_channels, dense_in_features
 from common.weights import DTYPE, WeightsError, check_arrays, init_weights, resolve_weights
+
+from ._framework import torch_device
 
 
 class AlexNet(nn.Sequential):
@@ -35,17 +37,6 @@ class AlexNet(nn.Sequential):
 
     def extra_repr(self) -> str:
         return f"spec={self.spec.name!r}, input={'x'.join(map(str, self.spec.input_shape))}"
-
-
-def gpu_available() -> bool:
-    """Whether this PyTorch build sees a CUDA GPU."""
-    return bool(torch.cuda.is_available())
-
-
-def disable_tf32() -> None:
-    """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
 
 
 def parameter_devices(model) -> set[str]:
@@ -68,10 +59,6 @@ def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool
 
 def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _torch_device(device: str) -> torch.device:
-    return torch.device("cuda" if choose_device(device, gpu_available(), "PyTorch") == "gpu" else "cpu")
 
 
 def _native_layer(layer, in_channels: dict[str, int], in_features: dict[str, int], device) -> nn.Module:
@@ -109,7 +96,7 @@ def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, we
         raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    target = _torch_device(device)
+    target = torch_device(device)
     # Checked before any tensor is allocated: a wrong file fails fast and cheaply.
     canonical = resolve_weights(spec, weights) if weights is not None else init_weights(spec, seed)
     in_channels, in_features = conv_in_channels(spec), dense_in_features(spec)
@@ -223,14 +210,8 @@ def loss_and_grads(model: AlexNet, x: Any, labels: Any) -> tuple[float, dict[str
 def save_native(model: AlexNet, path: str | os.PathLike) -> Path:
     """PyTorch's own checkpoint: the state_dict via ``torch.save``, written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

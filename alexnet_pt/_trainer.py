@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from common.weights import DTYPE, MOMENTUM_PREFIX, momentum_buffers
 
+from . import CAPABILITIES
+from ._framework import DTYPES
 from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_format, model_device, model_spec,
                      prefers_channels_last)
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -41,16 +41,14 @@ class Trainer:
         self.spec = model_spec(model)
         self.device = model_device(model)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        self.precision = CAPABILITIES.check_precision(precision)
         self.channels_last = prefers_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
         self.compile = bool(compile)
         # The parameters move to the chosen memory format in place (same Parameter objects, same
         # values); a channels-last model still computes the same function on NCHW-shaped inputs.
         model.to(memory_format=memory_format(self.channels_last))
         self._forward = torch.compile(model) if self.compile else model
-        self._autocast_dtype = PRECISIONS[precision]
+        self._autocast_dtype = None if precision == "fp32" else DTYPES[precision]
         self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._params = _parameters(model)
         self.optimizer = torch.optim.SGD(

@@ -12,11 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from common.backend import require_framework  # noqa: E402
 
-FRAMEWORK = "TensorFlow"
-EXTRA = "tensorflow"
+from . import CAPABILITIES  # noqa: E402
 
-tf = require_framework("tensorflow", EXTRA, FRAMEWORK)
-keras = require_framework("keras", EXTRA, FRAMEWORK)
+FRAMEWORK = CAPABILITIES.framework
+tf = require_framework("tensorflow", CAPABILITIES)
+keras = require_framework("keras", CAPABILITIES)
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -53,3 +53,43 @@ def disable_tf32() -> None:
 def device_name(device: str) -> str:
     """'cpu' / 'gpu' (already resolved by common.backend.choose_device) -> a tf.device string."""
     return "/GPU:0" if device == "gpu" else "/CPU:0"
+
+
+# ------------------------------------------------------------------ for the bench
+_DTYPES = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+
+
+def matmul_products(n: int, device: str, precision: str) -> dict:
+    where = device_name(device)
+    with tf.device(where):
+        a, b = (tf.cast(tf.random.normal((n, n)), _DTYPES[precision]) for _ in range(2))
+
+    @tf.function
+    def product():
+        with tf.device(where):
+            return tf.matmul(a, b)[0, 0]  # one element back to the host: waits for the product
+
+    return {"tf.matmul": lambda: product().numpy()}
+
+
+def synchronize(device: str) -> None:
+    if device == "gpu":  # on CPU a tf.function call has finished when it returns
+        tf.test.experimental.sync_devices()
+
+
+def peak_device_memory(device: str) -> int | None:
+    return int(tf.config.experimental.get_memory_info("GPU:0")["peak"]) if device == "gpu" else None
+
+
+def runtime_info(device: str) -> dict:
+    info = {"framework": f"TensorFlow {tf.__version__}, Keras {keras.__version__}",
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)",
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"}
+    if device == "gpu":
+        gpu = tf.config.list_physical_devices("GPU")[0]
+        details = tf.config.experimental.get_device_details(gpu)
+        info["gpu"] = details.get("device_name", gpu.name)
+        build = tf.sysconfig.get_build_info()
+        info["cuda"], info["cudnn"] = build.get("cuda_version"), build.get("cudnn_version")
+    return info

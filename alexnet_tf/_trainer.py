@@ -14,6 +14,7 @@ import numpy as np
 
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
+from . import CAPABILITIES
 from ._framework import keras, tf
 from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run,
                      spec_of, xla_by_default)
@@ -31,8 +32,8 @@ from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_
 JIT_EVAL = False
 
 # Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).
-# bf16 only: fp16 would need loss scaling, which this SGD step does not have.
-PRECISIONS = {"fp32": None, "bf16": "mixed_bfloat16"}
+# bf16 only (CAPABILITIES.precisions): fp16 would need loss scaling, which this SGD step does not have.
+POLICIES = {"fp32": None, "bf16": "mixed_bfloat16"}
 
 
 @contextlib.contextmanager
@@ -64,10 +65,7 @@ class Trainer:
         for what, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{what} must be a number >= 0, got {value!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"the TensorFlow backend supports precision {' or '.join(PRECISIONS)}, got {precision!r} "
-                             "(fp16 would need loss scaling)")
-        self.precision = precision
+        self.precision = CAPABILITIES.check_precision(precision)
         self.model = model
         self.spec = spec_of(model)
         self.device = device_of(model)
@@ -110,7 +108,7 @@ class Trainer:
     def _train_fn(self, x, labels, seed):
         with tf.device(self.device):
             with tf.GradientTape() as tape:
-                with _compute_policy(self.model, PRECISIONS[self.precision]):
+                with _compute_policy(self.model, POLICIES[self.precision]):
                     logits = tf.cast(run(self.model, x, training=True, seed=seed), tf.float32)
                 loss = tf.reduce_mean(cross_entropy(logits, labels))
             grads = tape.gradient(loss, self._variables)
@@ -127,7 +125,7 @@ class Trainer:
 
     def _eval_fn(self, x, labels):
         with tf.device(self.device):
-            with _compute_policy(self.model, PRECISIONS[self.precision]):
+            with _compute_policy(self.model, POLICIES[self.precision]):
                 logits = tf.cast(run(self.model, x, training=False), tf.float32)
             return tf.reduce_sum(cross_entropy(logits, labels)), correct_count(logits, labels)
 
@@ -196,3 +194,12 @@ class Trainer:
         native = [p.to_native(np.asarray(buffers[p.name], np.float32)) for p in self._params] if buffers else []
         for buffer, value in zip(self._buffers, native):
             buffer.assign(value)
+
+
+def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 jit_compile: bool | None = None, precision: str = "fp32") -> Trainer:
+    """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default: on a GPU only,
+    see ``_model.xla_by_default``) compiles the train step with XLA; ``precision`` "bf16" computes in
+    bfloat16 with float32 weights (default "fp32", what the parity suite checks)."""
+    return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, jit_compile=jit_compile,
+                   precision=precision)

@@ -6,9 +6,13 @@ import errors) lives here once and the backends call it.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import importlib
+import importlib.util
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import numpy as np
@@ -19,52 +23,129 @@ from .spec import ModelSpec
 
 BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx"}
 # The public names of every backend module (its __all__ starts with these): one import switches framework.
+# The last four serve the bench: the framework's own matmul peak, waiting for the device, memory, build.
 CONTRACT = (
-    "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit", "forward",
-    "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
+    "CAPABILITIES", "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit",
+    "forward", "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
     "model_spec", "param_counts", "parameter_devices", "save_native",
+    "matmul_products", "synchronize", "peak_device_memory", "runtime_info",
 )
 DEVICES = ("auto", "cpu", "gpu")
+# Training precisions: fp32, or mixed precision with float32 master weights. A backend's
+# Capabilities.precisions says which of these it has.
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Float32 math on GPUs: strict fp32, or TF32 tensor cores (10 mantissa bits) where the GPU has them.
+MATH_MODES = ("fp32", "tf32")
 
 
 @dataclass(frozen=True)
 class SpeedUp:
-    """A framework-specific speed-up: a ``make_trainer`` keyword of one backend, named as its
-    Trainer's ``options`` name it. Each backend switches on by default what is fastest and
-    correct on the device; ``alexnet train``/``compare``/``bench`` take ``--on``/``--off``."""
+    """A framework-specific speed-up: a ``make_trainer`` keyword, named as the Trainer's
+    ``options`` names it. ``default_on`` lists the devices where the backend switches it on by
+    default (what measured fastest and correct there); ``alexnet train``/``compare``/``bench``
+    take ``--on``/``--off``."""
 
     name: str
-    backend: str
     keyword: str
     what: str
+    default_on: tuple[str, ...] = ()
 
 
-SPEED_UPS = {s.name: s for s in (
-    SpeedUp("channels_last", "pt", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels)"),
-    SpeedUp("compile", "pt", "compile", "torch.compile of the forward pass"),
-    SpeedUp("xla", "tf", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
-                                        "a GPU, off on CPU (slower there)"),
-    SpeedUp("hybridize", "mx", "hybridize", "hybridize(static_alloc=True, static_shape=True)"),
-)}
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend is and can do, declared once in its face (``alexnet_xx/__init__.py``).
+
+    ``common`` reads this record instead of branching on backend names: an unsupported
+    precision, math mode, device or speed-up is refused from it before any work starts.
+    """
+
+    name: str  # "pt": the --backend value
+    framework: str  # "PyTorch"
+    extra: str  # the pip extra that installs the framework
+    layout: str  # "NCHW" or "NHWC": activations and inputs
+    precisions: tuple[str, ...]  # training precisions (subset of PRECISIONS)
+    math_modes: tuple[str, ...]  # float32 math modes it can switch (subset of MATH_MODES)
+    devices: tuple[str, ...]  # "cpu", "gpu"
+    speed_ups: tuple[SpeedUp, ...]
+    native_suffixes: tuple[str, ...]  # the framework's own checkpoint file endings, first is written
+    trains: bool = True  # False for inference-only backends
+
+    def __post_init__(self):
+        for what, values, allowed in (("precisions", self.precisions, PRECISIONS),
+                                      ("math_modes", self.math_modes, MATH_MODES),
+                                      ("devices", self.devices, ("cpu", "gpu")),
+                                      ("layout", (self.layout,), shapes.LAYOUTS)):
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"backend {self.name}: unknown {what} {unknown}; allowed {allowed}")
+
+    def check_precision(self, precision: str) -> str:
+        if precision not in self.precisions:
+            raise ValueError(f"the {self.framework} backend ({self.name}) trains in precision "
+                             f"{' or '.join(self.precisions)}, not {precision!r}")
+        return precision
+
+    def check_math_mode(self, math: str) -> str:
+        if math not in self.math_modes:
+            raise ValueError(f"the {self.framework} backend ({self.name}) has math mode "
+                             f"{' or '.join(self.math_modes)}, not {math!r}")
+        return math
+
+    def speed_up(self, name: str) -> SpeedUp:
+        for speed_up in self.speed_ups:
+            if speed_up.name == name:
+                return speed_up
+        owner = next((b for b, s in all_speed_ups().items() if name in s), None)
+        if owner is not None:
+            raise ValueError(f"speed-up {name!r} belongs to backend {owner}, not {self.name}")
+        raise ValueError(f"unknown speed-up {name!r}; choose from {speed_up_choices()}")
+
+    def trainer_keywords(self, speed_ups: Mapping[str, bool]) -> dict[str, bool]:
+        """``make_trainer`` keywords for ``speed_ups`` (speed-up name -> on/off); a name that is
+        unknown or belongs to another backend is an error naming it."""
+        return {self.speed_up(name).keyword: bool(on) for name, on in speed_ups.items()}
+
+
+def _face_path(name: str) -> Path:
+    module_name = BACKENDS[name]
+    found = importlib.util.find_spec(module_name)  # finds the package without importing it
+    if found is None or found.origin is None:
+        raise ImportError(f"backend package {module_name} is not on the path")
+    return Path(found.origin)
+
+
+@functools.lru_cache(maxsize=None)
+def capabilities(name: str) -> Capabilities:
+    """Backend ``name``'s record, as its face declares it, read WITHOUT importing the framework
+    (``alexnet --help`` and the bench's parent process never import one). The face's
+    ``CAPABILITIES = Capabilities(...)`` is evaluated with only ``Capabilities`` and ``SpeedUp``
+    in scope; ``tests/test_layout.py`` checks the result equals the imported module's record."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+    path = _face_path(name)
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CAPABILITIES"]:
+            code = compile(ast.Expression(node.value), str(path), "eval")
+            return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp})
+    raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
+
+
+def all_speed_ups() -> dict[str, dict[str, SpeedUp]]:
+    """{backend: {speed-up name: SpeedUp}} for every backend, read from the records."""
+    return {name: {s.name: s for s in capabilities(name).speed_ups} for name in BACKENDS}
+
+
+def speed_up_owner(name: str) -> str:
+    """The backend a speed-up name belongs to (names are unique across backends)."""
+    for backend, speed_ups in all_speed_ups().items():
+        if name in speed_ups:
+            return backend
+    raise ValueError(f"unknown speed-up {name!r}; choose from {speed_up_choices()}")
 
 
 def speed_up_choices() -> str:
     """The speed-up names and their backends, for error messages: "channels_last (pt), ..."."""
-    return ", ".join(f"{s.name} ({s.backend})" for s in SPEED_UPS.values())
-
-
-def trainer_keywords(backend: str, speed_ups: Mapping[str, bool]) -> dict[str, bool]:
-    """``make_trainer`` keywords of ``backend`` for ``speed_ups`` (speed-up name -> on/off);
-    a name that is unknown or belongs to another backend is an error naming it."""
-    keywords = {}
-    for name, on in speed_ups.items():
-        speed_up = SPEED_UPS.get(name)
-        if speed_up is None:
-            raise ValueError(f"unknown speed-up {name!r}; choose from {speed_up_choices()}")
-        if speed_up.backend != backend:
-            raise ValueError(f"speed-up {name!r} belongs to backend {speed_up.backend}, not {backend}")
-        keywords[speed_up.keyword] = bool(on)
-    return keywords
+    return ", ".join(f"{s} ({b})" for b, speed_ups in all_speed_ups().items() for s in speed_ups)
 
 
 class DeviceError(RuntimeError):
@@ -96,9 +177,10 @@ class Trainer(Protocol):
 
 
 class Backend(Protocol):
-    NAME: str  # "pt", "tf" or "mx"
-    FRAMEWORK: str  # "PyTorch", "TensorFlow", "MXNet"
-    LAYOUT: str  # "NCHW" or "NHWC"
+    CAPABILITIES: Capabilities
+    NAME: str  # CAPABILITIES.name: "pt", "tf" or "mx"
+    FRAMEWORK: str  # CAPABILITIES.framework: "PyTorch", "TensorFlow", "MXNet"
+    LAYOUT: str  # CAPABILITIES.layout: "NCHW" or "NHWC"
 
     def build(self, spec: ModelSpec | None = None, *, num_classes: int | None = None,
               weights: Any = None, seed: int = 0, device: str = "auto") -> Any:
@@ -134,6 +216,19 @@ class Backend(Protocol):
 
     def make_trainer(self, model: Any, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0) -> Trainer: ...
 
+    # What the bench needs from each framework (in ``_framework.py``):
+    def matmul_products(self, n: int, device: str, precision: str) -> dict[str, Any]:
+        """{op name: a callable doing one n x n x n product on ``device`` and waiting for it}."""
+
+    def synchronize(self, device: str) -> None:
+        """Wait until all work queued on ``device`` so far has finished."""
+
+    def peak_device_memory(self, device: str) -> int | None:
+        """Bytes of device memory at the peak (None on CPU)."""
+
+    def runtime_info(self, device: str) -> dict[str, Any]:
+        """Framework version, threads, libraries; GPU name and CUDA/cuDNN versions on a GPU."""
+
 
 def load_backend(name: str) -> Backend:
     """``"pt"`` -> the alexnet_pt module, with an error that names the choices."""
@@ -144,14 +239,14 @@ def load_backend(name: str) -> Backend:
     return importlib.import_module(module_name)  # type: ignore[return-value]
 
 
-def require_framework(module: str, extra: str, framework: str):
-    """Import a framework, or raise an ImportError that says which extra installs it."""
+def require_framework(module: str, capabilities: Capabilities):
+    """Import a backend's framework module, or raise an ImportError that says which extra installs it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
         raise ImportError(
-            f"{framework} is not installed, so this backend cannot load ({error}). "
-            f"Install it with: pip install 'alexnet-three[{extra}]'"
+            f"{capabilities.framework} is not installed, so this backend cannot load ({error}). "
+            f"Install it with: pip install 'alexnet-three[{capabilities.extra}]'"
         ) from error
 
 
@@ -177,22 +272,16 @@ class LayerRow:
     params: int  # counted from the native model's tensors
 
 
-def shared_functions(module_name: str):
-    """``layer_summary`` and ``fit`` for the backend module ``module_name``: written once, here
-    and in ``common.train``, and bound to each backend so users call them on the module."""
+def bound_layer_summary(module_name: str):
+    """``layer_summary`` bound to the backend module ``module_name``: written once, here, and
+    offered on each backend module so users call it there."""
 
-    def bound_layer_summary(model, input_shape, *, print_table: bool = True) -> list[LayerRow]:
+    def layer_summary_of_backend(model, input_shape, *, print_table: bool = True) -> list[LayerRow]:
         """Per-layer output shapes (in this backend's layout) and parameter counts, measured on the native model."""
         return layer_summary(sys.modules[module_name], model, input_shape, print_table=print_table)
 
-    def fit(model, data=None, **options):
-        """Train ``model`` with the shared loop, ``common.train.fit`` (same batches and records in every backend)."""
-        from .train import fit as shared_fit
-
-        return shared_fit(sys.modules[module_name], model, data, **options)
-
-    bound_layer_summary.__name__ = "layer_summary"
-    return bound_layer_summary, fit
+    layer_summary_of_backend.__name__ = "layer_summary"
+    return layer_summary_of_backend
 
 
 def to_spec_input(input_shape: tuple[int, ...], layout: str) -> tuple[int, tuple[int, int, int]]:
@@ -235,6 +324,7 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 
 __all__ = [
-    "BACKENDS", "CONTRACT", "DEVICES", "Backend", "DeviceError", "LayerRow", "Trainer", "choose_device",
-    "layer_summary", "load_backend", "require_framework", "shared_functions", "to_spec_input",
+    "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend", "Capabilities", "DeviceError",
+    "LayerRow", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
+    "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
 ]

@@ -10,7 +10,7 @@ framework-free: it plans the jobs, reads their JSON results and reports (termina
 ``bench.json`` with every figure and the environment, ``bench.png``).
 
 The framework-specific speed-ups, and the flags that switch them (``--off``, ``--on``, or
-``--ablate`` for each one flipped in turn), are ``common.backend.SPEED_UPS``. docs/benchmarks.md has the
+``--ablate`` for each one flipped in turn), are each backend's ``CAPABILITIES.speed_ups``. docs/benchmarks.md has the
 measurements.
 """
 from __future__ import annotations
@@ -30,23 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shapes
-from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, trainer_keywords
-from .cli import (EXIT_ERROR, _default_run_dir, _int_list, add_speed_up_args, backend_list, chosen_speed_ups,
-                  positive_int)
+from . import ROOT, shapes
+from .backend import BACKENDS, DEVICES, PRECISIONS, DeviceError, all_speed_ups, capabilities, speed_up_owner
+from .bench_worker import THREAD_COUNT_VARIABLES
+from .cli_args import (EXIT_ERROR, add_speed_up_args, backend_list, chosen_speed_ups, default_run_dir, int_list,
+                       non_negative_int, positive_int)
+from .io import write_text_atomic
 from .report import format_table, human_bytes
 from .spec import get_spec
-from .train import write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("fp32", "bf16", "fp16")
 DATA_MODES = ("synthetic", "real")
 PLAIN_MIN_INPUT = 67  # the book's TensorFlow and MXNet AlexNet pad no first convolution: 65x65 collapses
 RESULT_JSON, RESULT_PNG, LOG_DIR = "bench.json", "bench.png", "logs"
-# Thread counts the workers get. MXNet needs this: on x86 it gives its operators half of the
-# CPUs it sees (it assumes hyper-threading), one core of two here, unless OMP_NUM_THREADS or
-# MXNET_OMP_MAX_THREADS is set. The others already use every core; setting it for all keeps them alike.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
 
 
 class BenchError(ValueError):
@@ -54,16 +49,6 @@ class BenchError(ValueError):
 
 
 # ---------------------------------------------------------------- arguments
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
 def _data_modes(text: str) -> tuple[str, ...]:
     modes = tuple(dict.fromkeys(part.strip() for part in text.split(",")))
     if not modes or any(m not in DATA_MODES for m in modes):
@@ -80,7 +65,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "bench.json and bench.png.",
     )
     p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
-    p.add_argument("--batch-sizes", type=functools.partial(_int_list, name="batch sizes"), default=(32, 128),
+    p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
                    metavar="N,N")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                    help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
@@ -88,7 +73,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="fp32 (default: the path the parity suite checks) or bf16/fp16 mixed precision")
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per mode (default 10)")
-    p.add_argument("--warmup", type=_non_negative, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--data", type=_data_modes, default=DATA_MODES, metavar="synthetic,real",
                    help="synthetic: one prepared batch over and over; real: Fashion-MNIST through the whole "
                         "input pipeline (default both, alternating, for the real/synthetic ratio)")
@@ -99,8 +84,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="run every configuration this many times, round robin (noisy machines)")
-    p.add_argument("--threads", type=_non_negative, metavar="N",
-                   help="threads per framework: sets " + ", ".join(THREAD_VARIABLES) + " for the workers "
+    p.add_argument("--threads", type=non_negative_int, metavar="N",
+                   help="threads per framework: sets " + ", ".join(THREAD_COUNT_VARIABLES) + " for the workers "
                         "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")
     p.add_argument("--matmul-size", type=positive_int, metavar="N",
                    help="N x N matrices for the peak rate (default 2048 on CPU, 8192 on GPU)")
@@ -130,6 +115,11 @@ class Config:
 
 
 def _check(args) -> None:
+    for backend in args.backends:  # from the records, before any worker starts
+        try:
+            capabilities(backend).check_precision(args.precision)
+        except ValueError as error:
+            raise BenchError(f"--precision {args.precision}: {error}") from None
     if args.baseline and args.precision != "fp32":
         raise BenchError("--baseline runs the book's float32 code: use it with --precision fp32")
     if args.baseline and args.input_size < PLAIN_MIN_INPUT:
@@ -137,8 +127,8 @@ def _check(args) -> None:
                          f"MXNet AlexNet pad no first convolution), got {args.input_size}")
     for names in (args.on, args.off):
         for name in names:
-            if SPEED_UPS[name].backend not in args.backends:
-                raise BenchError(f"speed-up {name} belongs to backend {SPEED_UPS[name].backend}, "
+            if speed_up_owner(name) not in args.backends:
+                raise BenchError(f"speed-up {name} belongs to backend {speed_up_owner(name)}, "
                                  f"which is not in --backends {','.join(args.backends)}")
     try:
         chosen_speed_ups(args)
@@ -150,7 +140,7 @@ def _check(args) -> None:
 def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
     return {
         "backend": config.backend, "impl": config.impl, "batch_size": config.batch_size,
-        "options": trainer_keywords(config.backend, dict(config.options)),
+        "options": capabilities(config.backend).trainer_keywords(dict(config.options)),
         "input_size": args.input_size, "device": args.device, "precision": args.precision,
         "steps": args.steps, "warmup": args.warmup,
         "data": list(args.data) if config.impl != "plain" else ["synthetic"],
@@ -168,7 +158,7 @@ def worker_environment(threads: int | None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if threads == 0:
         return env
-    for name in THREAD_VARIABLES:
+    for name in THREAD_COUNT_VARIABLES:
         if threads is not None or name not in env:
             env[name] = str(threads or usable_cpus())
     return env
@@ -209,7 +199,7 @@ def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None) ->
         return [Config(backend, "alexnet", batch, tuple(sorted(base.items())))]
     result = [Config(backend, "plain", batch)] if args.baseline else []
     if args.ablate:
-        for feature in (f for f in SPEED_UPS.values() if f.backend == backend):
+        for feature in capabilities(backend).speed_ups:
             state = base.get(feature.name, defaults.get(feature.name))
             if isinstance(state, bool):
                 result.append(Config(backend, "alexnet", batch, tuple(sorted({**base, feature.name: not state}.items()))))
@@ -391,7 +381,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
         for batch in args.batch_sizes:
             for backend in args.backends:
                 (default,) = configs(args, backend, batch, None)
-                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in SPEED_UPS}
+                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in all_speed_ups()[backend]}
                 for config in configs(args, backend, batch, resolved):
                     run(config, repeat)
     return results
@@ -407,7 +397,7 @@ def _bench(args) -> int:
     spec = get_spec("book").with_input(1, args.input_size)
     macs = shapes.totals(shapes.infer(spec))["macs"]
     flops = {"training": shapes.training_flops_per_image(spec), "inference": 2 * macs}
-    out = args.out or _default_run_dir("bench")
+    out = args.out or default_run_dir("bench")
     started = time.time()
     load_before = os.getloadavg()
     # Job files, logs and the results are made in a scratch folder and moved to ``out`` at the
@@ -433,7 +423,7 @@ def _bench(args) -> int:
         environment = machine_environment()
         workers = worker_environment(args.threads)
         environment.update({
-            "worker_threads_env": {name: workers.get(name) for name in THREAD_VARIABLES},
+            "worker_threads_env": {name: workers.get(name) for name in THREAD_COUNT_VARIABLES},
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "frameworks": {r["backend"]: r["environment"] for r in rows if r["impl"] == "alexnet"},
         })

@@ -26,6 +26,7 @@ Only this module imports a framework; ``common.bench`` (the parent) never does.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -38,162 +39,20 @@ from pathlib import Path
 
 import numpy as np
 
-from common.train import write_text_atomic
+from common import ROOT
+from common.io import write_text_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAIN_DIR = ROOT / "benchmarks"
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS",
-                    "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS", "MXNET_OMP_MAX_THREADS",
-                    "MXNET_CPU_WORKER_NTHREADS", "MXNET_ENGINE_TYPE", "KMP_AFFINITY", "KMP_BLOCKTIME")
+# Thread counts the workers get from ``alexnet bench --threads``. MXNet needs this: on x86 it gives
+# its operators half of the CPUs it sees (it assumes hyper-threading), one core of two here, unless
+# OMP_NUM_THREADS or MXNET_OMP_MAX_THREADS is set. The others already use every core; setting it
+# for all keeps them alike.
+THREAD_COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
+# Recorded in bench.json when set: everything above, and what else changes how a framework threads.
+THREAD_VARIABLES = THREAD_COUNT_VARIABLES + (
+    "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS", "MXNET_OMP_MAX_THREADS", "MXNET_CPU_WORKER_NTHREADS",
+    "MXNET_ENGINE_TYPE", "KMP_AFFINITY", "KMP_BLOCKTIME")
 MATMUL_SECONDS = 1.0  # time spent measuring the matmul rate (at least 3 products)
-
-
-# ------------------------------------------------------------------ per framework
-class _Framework:
-    """What differs per framework: its matmul, device memory and environment."""
-
-    def __init__(self, name: str, device: str, precision: str):
-        self.name, self.device, self.precision = name, device, precision
-
-    def matmuls(self, n: int) -> dict:
-        """{op name: a callable doing one n x n x n product and waiting for it}."""
-        raise NotImplementedError
-
-    def sync(self) -> None:
-        """Wait until all work queued on the device so far has finished."""
-
-    def device_memory(self) -> int | None:
-        return None
-
-    def environment(self) -> dict:
-        return {}
-
-
-class _PyTorch(_Framework):
-    def __init__(self, *args):
-        super().__init__(*args)
-        import torch
-
-        self.torch = torch
-        self.dev = torch.device("cuda" if self.device == "gpu" else "cpu")
-
-    def sync(self):
-        if self.dev.type == "cuda":
-            self.torch.cuda.synchronize()
-
-    def matmuls(self, n):
-        torch = self.torch
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        a, b = (torch.randn(n, n, device=self.dev).to(dtype) for _ in range(2))
-
-        def mm():
-            torch.mm(a, b)
-            self.sync()
-        return {"torch.mm": mm}
-
-    def device_memory(self):
-        return int(self.torch.cuda.max_memory_allocated()) if self.dev.type == "cuda" else None
-
-    def environment(self):
-        torch = self.torch
-        env = {"framework": f"PyTorch {torch.__version__}", "intra_op_threads": torch.get_num_threads(),
-               "inter_op_threads": torch.get_num_interop_threads(),
-               "blas": "MKL" if torch.backends.mkl.is_available() else "other",
-               "onednn": bool(torch.backends.mkldnn.is_available())}
-        if self.dev.type == "cuda":
-            env["gpu"] = torch.cuda.get_device_name(self.dev)
-            env["cuda"] = torch.version.cuda
-            env["cudnn"] = torch.backends.cudnn.version()
-        return env
-
-
-class _TensorFlow(_Framework):
-    def __init__(self, *args):
-        super().__init__(*args)
-        from alexnet_tf._framework import keras, tf
-
-        self.tf, self.keras = tf, keras
-        self.dev = "/GPU:0" if self.device == "gpu" else "/CPU:0"
-
-    def matmuls(self, n):
-        tf = self.tf
-        dtype = {"fp32": tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}[self.precision]
-        with tf.device(self.dev):
-            a, b = (tf.cast(tf.random.normal((n, n)), dtype) for _ in range(2))
-
-        @tf.function
-        def product():
-            with tf.device(self.dev):
-                return tf.matmul(a, b)[0, 0]  # one element back to the host: waits for the product
-
-        return {"tf.matmul": lambda: product().numpy()}
-
-    def sync(self):
-        if self.device == "gpu":  # on CPU a tf.function call has finished when it returns
-            self.tf.test.experimental.sync_devices()
-
-    def device_memory(self):
-        if self.device != "gpu":
-            return None
-        return int(self.tf.config.experimental.get_memory_info("GPU:0")["peak"])
-
-    def environment(self):
-        tf = self.tf
-        env = {"framework": f"TensorFlow {tf.__version__}, Keras {self.keras.__version__}",
-               "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)",
-               "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
-               "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"}
-        if self.device == "gpu":
-            gpu = tf.config.list_physical_devices("GPU")[0]
-            env["gpu"] = tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
-        return env
-
-
-class _MXNet(_Framework):
-    def __init__(self, *args):
-        super().__init__(*args)
-        from alexnet_mx._framework import mx
-
-        self.mx = mx
-        self.ctx = mx.gpu(0) if self.device == "gpu" else mx.cpu()
-
-    def matmuls(self, n):
-        mx = self.mx
-        if self.precision != "fp32":
-            raise ValueError(f"the MXNet backend measures fp32 only, got {self.precision}")
-        a, b = (mx.nd.random.normal(shape=(n, n), ctx=self.ctx) for _ in range(2))
-        # Two routes to a matrix product: nd.dot goes to the BLAS MXNet was built with (OpenBLAS in
-        # the pip wheel), FullyConnected to oneDNN (MKL-DNN), which is what the Dense layers run.
-        return {"nd.dot": lambda: mx.nd.dot(a, b).wait_to_read(),
-                "nd.FullyConnected": lambda: mx.nd.FullyConnected(a, b, no_bias=True, num_hidden=n).wait_to_read()}
-
-    def sync(self):
-        # MXNet's engine is asynchronous on CPU too: reading the loss waits for the forward pass only,
-        # while the backward pass and the update may still be queued
-        self.mx.nd.waitall()
-
-    def device_memory(self):
-        if self.device != "gpu":
-            return None
-        free, total = self.mx.context.gpu_memory_info(0)
-        return int(total - free)  # in use now (MXNet reports no peak)
-
-    def environment(self):
-        from mxnet.runtime import Features
-
-        features = Features()
-        env = {"framework": f"MXNet {self.mx.__version__}",
-               "features": [name for name in ("MKLDNN", "BLAS_OPEN", "BLAS_MKL", "OPENMP", "CUDA", "CUDNN")
-                            if features.is_enabled(name)]}
-        # The cap MXNet's engine puts on its operators' OpenMP threads (libgomp's own
-        # omp_get_max_threads() does not show it: it read 2 while MXNet used 1 core here).
-        # alexnet_mx._compat sets MXNET_OMP_MAX_THREADS unless the user chose.
-        env["operator_threads"] = (os.environ.get("MXNET_OMP_MAX_THREADS") or os.environ.get("OMP_NUM_THREADS")
-                                   or "MXNet's default: half the CPUs on x86")
-        return env
-
-
-FRAMEWORKS = {"pt": _PyTorch, "tf": _TensorFlow, "mx": _MXNet}
 
 
 # ------------------------------------------------------------------ measuring
@@ -234,7 +93,9 @@ def run(job: dict) -> dict:
     name, batch, steps, warmup = job["backend"], job["batch_size"], job["steps"], job["warmup"]
     backend = load_backend(name)  # imports the framework (an ImportError names the extra)
     device = choose_device(job["device"], backend.gpu_available(), backend.FRAMEWORK)
-    framework = FRAMEWORKS[name](name, device, job["precision"])
+    sync = functools.partial(backend.synchronize, device)
+    if job["impl"] != "plain":
+        backend.CAPABILITIES.check_precision(job["precision"])  # before any work
     size = job["input_size"]
     modes = job["data"]
 
@@ -261,9 +122,9 @@ def run(job: dict) -> dict:
     steppers = {mode: steppers[mode] for mode in modes if mode in steppers}
 
     matmul_n = job["matmul_size"] or (8192 if device == "gpu" else 2048)
-    products = framework.matmuls(matmul_n)
+    products = backend.matmul_products(matmul_n, device, job["precision"])
     warm_rates = matmul_rates(products, matmul_n)
-    first_step_s = _timed(lambda: (next(iter(steppers.values()))(0), framework.sync()))  # tracing, compiling
+    first_step_s = _timed(lambda: (next(iter(steppers.values()))(0), sync()))  # tracing, compiling
     for step in range(warmup):
         for stepper in steppers.values():
             stepper(1 + step)
@@ -271,16 +132,16 @@ def run(job: dict) -> dict:
     # compared with is measured under the same background load (this machine may be shared).
     train_s: dict[str, list[float]] = {mode: [] for mode in steppers}
     rates: dict[str, list[float]] = {op: [] for op in products}
-    framework.sync()
+    sync()
     for step in range(steps):
         for op, product in products.items():
             rates[op].append(2.0 * matmul_n ** 3 / _timed(product) / 1e9)
         for mode, stepper in steppers.items():  # alternating: background load hits every mode alike
-            train_s[mode].append(_timed(lambda: (stepper(1 + warmup + step), framework.sync())))
+            train_s[mode].append(_timed(lambda: (stepper(1 + warmup + step), sync())))
     for _ in range(1 + warmup):
         evaluate()
-    framework.sync()
-    eval_s = [_timed(lambda: (evaluate(), framework.sync())) for _ in range(steps)]
+    sync()
+    eval_s = [_timed(lambda: (evaluate(), sync())) for _ in range(steps)]
 
     return {
         "backend": name, "impl": job["impl"], "device": device, "batch_size": batch, "input_size": size,
@@ -288,8 +149,8 @@ def run(job: dict) -> dict:
         "matmul": {"n": matmul_n, "gflops": rates, "warmup_gflops": warm_rates},
         "load_average": [load_before, os.getloadavg()[0]],
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux
-        "peak_device_bytes": framework.device_memory(),
-        "environment": {**framework.environment(), "pid": os.getpid()},
+        "peak_device_bytes": backend.peak_device_memory(device),
+        "environment": {**backend.runtime_info(device), "pid": os.getpid()},
     }
 
 

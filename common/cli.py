@@ -14,99 +14,16 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, SPEED_UPS, DeviceError, load_backend, speed_up_choices
+from .backend import BACKENDS, DEVICES, DeviceError, capabilities, load_backend
+from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
+                       default_run_dir, positive_int, spec_from, summary_backends)
 from .report import format_table, human_bytes
-from .spec import VARIANTS, SpecError, get_spec
+from .spec import SpecError, get_spec
 from .weights import WeightsError
-
-EXIT_ERROR = 2
-EXIT_MISMATCH = 1
-
-
-# ---------------------------------------------------------------- argument types
-def _int_list(text: str, *, name: str, count: int | None = None) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if count is not None and len(values) != count:
-        raise argparse.ArgumentTypeError(f"{name} needs {count} comma-separated integers, got {text!r}")
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{name} values must be positive, got {text!r}")
-    return values
-
-
-def input_shape_arg(text: str) -> tuple[int, int, int]:
-    return _int_list(text, name="--input (C,H,W)", count=3)  # type: ignore[return-value]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def backend_list(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if names == ["all"]:
-        return list(BACKENDS)
-    unknown = [n for n in names if n not in BACKENDS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} or all")
-    return names
-
-
-def speed_up_list(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
-    unknown = [n for n in names if n not in SPEED_UPS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {speed_up_choices()}")
-    return names
-
-
-def add_speed_up_args(parser) -> None:
-    """``--on``/``--off``: switch a backend's speed-ups against its defaults (``common.backend.SPEED_UPS``)."""
-    described = "; ".join(f"{s.name} ({s.backend}): {s.what}" for s in SPEED_UPS.values())
-    parser.add_argument("--off", type=speed_up_list, default=(), metavar="SPEEDUP,...",
-                        help=f"switch speed-ups off: {described}")
-    parser.add_argument("--on", type=speed_up_list, default=(), metavar="SPEEDUP,...", help="switch speed-ups on")
-
-
-def chosen_speed_ups(args, backend: str | None = None) -> dict[str, bool]:
-    """--on/--off as {name: on}; with ``backend``, only that backend's (a multi-backend command)."""
-    both = sorted(set(args.on) & set(args.off))
-    if both:
-        raise ValueError(f"--on and --off both name {', '.join(both)}")
-    chosen = {name: True for name in args.on} | {name: False for name in args.off}
-    return {name: on for name, on in chosen.items() if backend is None or SPEED_UPS[name].backend == backend}
-
-
-def summary_backends(text: str) -> list[str]:
-    return [] if text == "none" else backend_list(text)
-
-
-def _spec_from(args):
-    spec = get_spec(args.variant)
-    if getattr(args, "num_classes", None):
-        spec = spec.with_num_classes(args.num_classes)
-    if getattr(args, "input", None):
-        spec = spec.with_input(*args.input)
-    return spec
-
-
-def _add_spec_args(parser, *, input_help="C,H,W of one example (default: the variant's)"):
-    parser.add_argument("--variant", choices=list(VARIANTS), default="book", help="which AlexNet (default: book)")
-    parser.add_argument("--input", type=input_shape_arg, metavar="C,H,W", help=input_help)
-    parser.add_argument("--num-classes", type=positive_int, metavar="N", help="classifier width (default: the variant's)")
-
 
 # ---------------------------------------------------------------- summary
 def cmd_summary(args) -> int:
-    spec = _spec_from(args)
+    spec = spec_from(args)
     names = args.backend
     expected = {layout: shapes.infer(spec, batch=args.batch, layout=layout) for layout in shapes.LAYOUTS}
     measured: dict[str, list] = {}
@@ -156,7 +73,7 @@ def cmd_summary(args) -> int:
 def cmd_parity(args) -> int:
     from .parity import run_parity
 
-    spec = _spec_from(args)
+    spec = spec_from(args)
     report = run_parity(spec, args.backends, batch=args.batch, seed=args.seed,
                         device=args.device, tolerance=args.tolerance)
     print(report.text)
@@ -191,13 +108,13 @@ def _fit_kwargs(args, backend: str) -> dict:
                 limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True)
 
 
-def _default_run_dir(label: str) -> Path:
+def default_run_dir(label: str) -> Path:
     return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_train(args) -> int:
     backend = load_backend(args.backend)
-    run_dir = args.run_dir or _default_run_dir(args.backend)
+    run_dir = args.run_dir or default_run_dir(args.backend)
     model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
     # fit checks --on/--off, then loads the data: a wrong flag fails before that work
     history = backend.fit(model, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
@@ -226,7 +143,7 @@ def cmd_compare(args) -> int:
     from .plots import plot_curves
 
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
-    run_dir = args.run_dir or _default_run_dir("compare")
+    run_dir = args.run_dir or default_run_dir("compare")
     histories = {}
     for name in args.backends:
         backend = load_backend(name)
@@ -242,23 +159,21 @@ def cmd_compare(args) -> int:
 
 
 # ---------------------------------------------------------------- convert
-NATIVE_SUFFIXES = {".pt": "pt", ".pth": "pt", ".h5": "tf", ".params": "mx"}
-
-
 def _format_of(path: Path) -> str:
+    """"npz", or the backend whose native checkpoint ``path`` is, by its ending (the records' native_suffixes)."""
     if path.suffix == ".npz":
         return "npz"
-    try:
-        return NATIVE_SUFFIXES[path.suffix]
-    except KeyError:
-        raise ValueError(f"{path}: unknown weights format; use .npz (canonical), .pt/.pth (PyTorch), "
-                         ".weights.h5 (Keras) or .params (Gluon)") from None
+    for name in BACKENDS:
+        if any(path.name.endswith(suffix) for suffix in capabilities(name).native_suffixes):
+            return name
+    endings = ", ".join(f"{'/'.join(capabilities(n).native_suffixes)} ({capabilities(n).framework})" for n in BACKENDS)
+    raise ValueError(f"{path}: unknown weights format; use .npz (canonical), {endings}")
 
 
 def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
     src_format, dst_format = _format_of(src), _format_of(dst)
-    spec = _spec_from(args)
+    spec = spec_from(args)
     if src_format == "npz":
         from .weights import load_weights_file
 
@@ -289,14 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="layer table: shapes per backend, parameters, MACs, memory")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|all|none",
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="compare every backend with the float64 reference, layer by layer")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seed", type=int, help="weights and input seed (default: random, printed for replay)")
@@ -333,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints")
     p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params")
     p.add_argument("dst", help="output file, format by its suffix")
-    _add_spec_args(p)
+    add_spec_args(p)
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -18,15 +17,13 @@ def _pyplot():
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
     """Write a figure atomically, so a crash never leaves a truncated PNG."""
+    from .io import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         _pyplot().close(fig)
     return path
 

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import signal
-import tempfile
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import data as fmnist
-from .backend import trainer_keywords
+from .io import write_text_atomic
 from .weights import read_npz, save_weights
 
 CHECKPOINT = "checkpoint.npz"
@@ -125,11 +125,11 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
     every epoch (the checkpoint atomically); ``resume=True`` continues from its checkpoint
     with the very batches an uninterrupted run would have used next. ``speed_ups`` switches the
-    backend's speed-ups against its defaults (``common.backend.SPEED_UPS``, e.g. ``{"xla": False}``).
+    backend's speed-ups against its defaults (``backend.CAPABILITIES.speed_ups``, e.g. ``{"xla": False}``).
     ``progress`` shows progress bars; ``log_epochs`` (default: as ``progress``) prints a line per epoch.
     """
     log_epochs = progress if log_epochs is None else log_epochs
-    keywords = trainer_keywords(backend.NAME, speed_ups or {})
+    keywords = backend.CAPABILITIES.trainer_keywords(speed_ups or {})
     spec = backend.model_spec(model)
     config = TrainConfig(backend.NAME, epochs, batch_size, lr, momentum, weight_decay, seed,
                          limit_train, limit_test, spec.input_size)
@@ -304,12 +304,16 @@ def write_metrics(run: Path, history: History) -> None:
             write_text_atomic(run / name, text.getvalue())
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path``, which appears only complete: a crash leaves the old file or none."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+def bound_fit(module_name: str):
+    """``fit`` bound to the backend module ``module_name``: the one loop, offered on each backend
+    module so users call ``alexnet_xx.fit(model, ...)``."""
+
+    def fit_with_backend(model, data=None, **options):
+        """Train ``model`` with the shared loop, ``common.train.fit`` (same batches and records in every backend)."""
+        return fit(sys.modules[module_name], model, data, **options)
+
+    fit_with_backend.__name__ = "fit"
+    return fit_with_backend
 
 
 def _progress(iterable, enabled: bool, **kwargs):

@@ -13,13 +13,13 @@ pickled object is refused, never executed.
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from .io import atomic_file
 from .shapes import conv_in_channels, dense_in_features, infer
 from .spec import Conv2d, Dense, Flatten, ModelSpec
 
@@ -141,17 +141,8 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **e
     for name, value in arrays.items():
         if value.dtype == object:
             raise WeightsError(f"{path}: {name} is an object array; only numeric arrays are saved")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        np.savez(handle, **arrays)
     return path
 
 

@@ -27,8 +27,8 @@ from common.shapes import infer  # noqa: E402
 from common.spec import AdaptiveAvgPool2d, book_alexnet, paper_alexnet  # noqa: E402
 from common.weights import WeightsError, init_weights, save_weights  # noqa: E402
 
-mx = mx_backend.mx
-ROOT = Path(__file__).resolve().parents[1]
+from alexnet_mx._framework import mx  # noqa: E402
+from common import ROOT  # noqa: E402
 SMALL = book_alexnet().with_input(1, 67, 67).with_dropout(0.0)
 LABELS = np.array([3, 7])
 
@@ -77,14 +77,14 @@ def test_missing_mxnet_raises_import_error_naming_the_extra():
 
 
 def test_numpy_bool_alias_restored_without_future_warning():
-    # numpy >= 1.24 removed numpy.bool, which MXNet 1.9.1 still reads; _compat restores only that.
+    # numpy >= 1.24 removed numpy.bool, which MXNet 1.9.1 still reads; alexnet_mx._framework restores only that, before importing MXNet.
     result = _python("import alexnet_mx, numpy; assert numpy.bool is bool", "-W", "error::FutureWarning")
     assert result.returncode == 0, result.stderr
 
 
 THREAD_CODE = (
     "import os, alexnet_mx\n"
-    "from alexnet_mx._compat import physical_cores\n"
+    "from alexnet_mx._framework import physical_cores\n"
     "print(os.environ.get('MXNET_OMP_MAX_THREADS'), physical_cores(), len(os.sched_getaffinity(0)))\n"
 )
 
@@ -162,7 +162,7 @@ def test_paper_variant_builds_with_groups_and_lrn():
 
 def test_lrn_alpha_convention_is_pytorchs():
     """b = a / (k + alpha/n * sum over n channels of a^2)^beta, with the spec's (PyTorch's) alpha."""
-    from alexnet_mx._net import _LocalResponseNorm
+    from alexnet_mx._model import _LocalResponseNorm
     from common.spec import LocalResponseNorm
 
     layer = LocalResponseNorm("norm", size=5, alpha=0.5, beta=0.75, k=1.5)
@@ -177,7 +177,7 @@ def test_lrn_alpha_convention_is_pytorchs():
 
 def test_adaptive_avg_pool_uses_pytorch_bins():
     """Bin i of n over a size-s axis covers [floor(i*s/n), ceil((i+1)*s/n)): overlapping when s % n != 0."""
-    from alexnet_mx._net import _AdaptiveAvgPool2d
+    from alexnet_mx._model import _AdaptiveAvgPool2d
 
     x = np.random.default_rng(0).standard_normal((2, 3, 5, 7))
     got = _AdaptiveAvgPool2d(AdaptiveAvgPool2d("pool", (3, 2)))(mx.nd.array(x, dtype="float32")).asnumpy()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT  # noqa: E402
 
 from common import shapes  # noqa: E402
 from common import spec as S  # noqa: E402

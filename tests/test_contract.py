@@ -1,5 +1,5 @@
 """Every backend module offers the same public names, so switching framework is one import."""
-from common.backend import BACKENDS, CONTRACT
+from common.backend import BACKENDS, CONTRACT, Capabilities, capabilities
 
 
 def test_backend_exports_exactly_the_contract(backend):
@@ -8,7 +8,17 @@ def test_backend_exports_exactly_the_contract(backend):
     assert not missing, f"{backend.__name__} lacks {missing}"
     assert BACKENDS[backend.NAME] == backend.__name__
     assert backend.LAYOUT in ("NCHW", "NHWC") and backend.FRAMEWORK in ("PyTorch", "TensorFlow", "MXNet")
-    assert all(callable(getattr(backend, name)) for name in CONTRACT if name not in ("NAME", "FRAMEWORK", "LAYOUT"))
+    data = ("CAPABILITIES", "NAME", "FRAMEWORK", "LAYOUT")
+    assert all(callable(getattr(backend, name)) for name in CONTRACT if name not in data)
+
+
+def test_capabilities_read_without_the_framework_equal_the_imported_record(backend):
+    """common reads each face's record by parsing it (no framework import): it must be the very
+    record the imported module holds, and NAME/FRAMEWORK/LAYOUT must come from it."""
+    record = backend.CAPABILITIES
+    assert isinstance(record, Capabilities) and capabilities(backend.NAME) == record
+    assert (backend.NAME, backend.FRAMEWORK, backend.LAYOUT) == (record.name, record.framework, record.layout)
+    assert "fp32" in record.precisions and "cpu" in record.devices
 
 
 def test_optimizer_state_semantics_are_the_same_everywhere(backend):

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.backend import SPEED_UPS
+from common.backend import all_speed_ups
 from common.data import FashionMNIST
 from common.spec import book_alexnet
 from common.train import CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, STEPS_CSV, TrainingError, fit
 from common.weights import read_npz
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT  # noqa: E402
 SPEC = book_alexnet().with_input(1, 65, 65)  # the smallest valid input keeps these tests quick
 SETTINGS = dict(batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, seed=3, progress=False)
 
@@ -163,7 +163,7 @@ def test_resume_refuses_a_different_run(backend, tiny_data, tmp_path):
 
 
 def test_speed_ups_are_recorded_and_a_resume_must_keep_them(backend, tiny_data, tmp_path):
-    (speed_up, *_) = [s for s in SPEED_UPS.values() if s.backend == backend.NAME]
+    (speed_up, *_) = backend.CAPABILITIES.speed_ups
     model = backend.build(SPEC, seed=1, device="cpu")
     fit(backend, model, tiny_data, epochs=1, run_dir=tmp_path, **SETTINGS)
     recorded = json.loads(str(read_npz(tmp_path / CHECKPOINT)["meta/config"]))["trainer_options"]
@@ -178,9 +178,10 @@ def test_speed_ups_are_recorded_and_a_resume_must_keep_them(backend, tiny_data, 
 
 
 def test_another_backends_speed_up_is_refused(backend, tiny_data):
-    other = next(s for s in SPEED_UPS.values() if s.backend != backend.NAME)
+    owner, other = next((b, s) for b, speed_ups in all_speed_ups().items() if b != backend.NAME
+                        for s in speed_ups.values())
     model = backend.build(SPEC, device="cpu")
-    with pytest.raises(ValueError, match=f"speed-up '{other.name}' belongs to backend {other.backend}, not {backend.NAME}"):
+    with pytest.raises(ValueError, match=f"speed-up '{other.name}' belongs to backend {owner}, not {backend.NAME}"):
         fit(backend, model, tiny_data, speed_ups={other.name: False}, **SETTINGS)
 
 

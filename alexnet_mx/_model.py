@@ -1,13 +1,13 @@
-"""The spec turned into a Gluon HybridBlock, and everything that reads or writes its weights."""
+"""The native Gluon model: the spec turned into a HybridBlock, running it, everything that reads
+or writes its weights, and Gluon's own checkpoints."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from common.backend import choose_device
+from common.io import atomic_path
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
     AdaptiveAvgPool2d,
@@ -23,25 +23,10 @@ from common.spec import (
 )
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
 
-from ._framework import mx
+from ._framework import FRAMEWORK, context, gpu_available, mx
 
 gluon = mx.gluon
 nn = mx.gluon.nn
-FRAMEWORK = "MXNet"
-
-
-def gpu_available() -> bool:
-    """True when this MXNet build sees at least one GPU."""
-    try:
-        return mx.context.num_gpus() > 0
-    except mx.base.MXNetError:  # CPU-only builds may raise instead of answering 0
-        return False
-
-
-def disable_tf32() -> None:
-    """Ask MXNet's CUDA kernels for full float32: no tensor-core math, no conversions to lower precision."""
-    os.environ["MXNET_CUDA_ALLOW_TENSOR_CORE"] = "0"
-    os.environ["MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION"] = "0"
 
 
 def parameter_devices(model) -> set[str]:
@@ -148,7 +133,7 @@ def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weig
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
     where = choose_device(device, gpu_available(), FRAMEWORK)
-    ctx = mx.gpu(0) if where == "gpu" else mx.cpu()
+    ctx = context(where)
     canonical = resolve_weights(spec, init_weights(spec, seed) if weights is None else weights)
     model = AlexNet(spec)
     model.initialize(mx.init.Zero(), ctx=ctx)  # every shape is known: nothing is deferred
@@ -256,15 +241,8 @@ def save_native(model, path) -> Path:
     """Gluon's own ``.params`` format (``save_parameters``), written atomically."""
     model = _check_model(model)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        model.save_parameters(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        model.save_parameters(str(tmp))
     return path
 
 
@@ -286,9 +264,3 @@ def load_native(model, path) -> None:
     ctx = model.ctx
     for name, param in expected.items():
         param.set_data(loaded[name].as_in_context(ctx))
-
-
-__all__ = [
-    "AlexNet", "build", "export_weights", "forward", "gpu_available", "load_native",
-    "load_weights", "loss_and_grads", "model_spec", "param_counts", "save_native",
-]

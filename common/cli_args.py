@@ -1,0 +1,115 @@
+"""Argument types and flags that several ``alexnet`` commands share (``common.cli`` and
+``common.bench`` both import them from here; neither imports the other's helpers).
+
+Reads each backend's ``Capabilities`` without importing any framework, so ``alexnet --help``
+and argument errors stay instant.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from .backend import BACKENDS, all_speed_ups, speed_up_choices, speed_up_owner
+from .spec import VARIANTS, get_spec
+
+EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
+EXIT_MISMATCH = 1  # a check ran and found a disagreement
+
+
+def int_list(text: str, *, name: str, count: int | None = None) -> tuple[int, ...]:
+    """"32,128" -> (32, 128); every value positive, ``count`` of them if given."""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if count is not None and len(values) != count:
+        raise argparse.ArgumentTypeError(f"{name} needs {count} comma-separated integers, got {text!r}")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{name} values must be positive, got {text!r}")
+    return values
+
+
+def input_shape_arg(text: str) -> tuple[int, int, int]:
+    return int_list(text, name="--input (C,H,W)", count=3)  # type: ignore[return-value]
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def backend_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names == ["all"]:
+        return list(BACKENDS)
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} or all")
+    return names
+
+
+def summary_backends(text: str) -> list[str]:
+    return [] if text == "none" else backend_list(text)
+
+
+def speed_up_list(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    known = {name for speed_ups in all_speed_ups().values() for name in speed_ups}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown speed-up(s) {unknown or text!r}; choose from {speed_up_choices()}")
+    return names
+
+
+def add_speed_up_args(parser) -> None:
+    """``--on``/``--off``: switch a backend's speed-ups against its defaults (its ``CAPABILITIES.speed_ups``)."""
+    described = "; ".join(f"{s.name} ({backend}): {s.what}"
+                          for backend, speed_ups in all_speed_ups().items() for s in speed_ups.values())
+    parser.add_argument("--off", type=speed_up_list, default=(), metavar="SPEEDUP,...",
+                        help=f"switch speed-ups off: {described}")
+    parser.add_argument("--on", type=speed_up_list, default=(), metavar="SPEEDUP,...", help="switch speed-ups on")
+
+
+def chosen_speed_ups(args, backend: str | None = None) -> dict[str, bool]:
+    """--on/--off as {name: on}; with ``backend``, only that backend's (a multi-backend command)."""
+    both = sorted(set(args.on) & set(args.off))
+    if both:
+        raise ValueError(f"--on and --off both name {', '.join(both)}")
+    chosen = {name: True for name in args.on} | {name: False for name in args.off}
+    return {name: on for name, on in chosen.items() if backend is None or speed_up_owner(name) == backend}
+
+
+def add_spec_args(parser, *, input_help="C,H,W of one example (default: the variant's)") -> None:
+    parser.add_argument("--variant", choices=list(VARIANTS), default="book", help="which AlexNet (default: book)")
+    parser.add_argument("--input", type=input_shape_arg, metavar="C,H,W", help=input_help)
+    parser.add_argument("--num-classes", type=positive_int, metavar="N", help="classifier width (default: the variant's)")
+
+
+def spec_from(args):
+    """The ModelSpec that --variant, --input and --num-classes describe."""
+    spec = get_spec(args.variant)
+    if getattr(args, "num_classes", None):
+        spec = spec.with_num_classes(args.num_classes)
+    if getattr(args, "input", None):
+        spec = spec.with_input(*args.input)
+    return spec
+
+
+def default_run_dir(label: str) -> Path:
+    return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -1,0 +1,133 @@
+"""The house plan, checked from the source alone (``ast``: no framework is imported):
+every backend package has the same files in the same roles, and the import graph of
+``common`` and the backends has no cycle and keeps the library free of the application."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from common import ROOT
+from common.backend import BACKENDS, capabilities
+
+PACKAGES = ("common", *BACKENDS.values())
+BACKEND_FILES = {"__init__.py", "_framework.py", "_model.py", "_trainer.py"}
+OPTIONAL_BACKEND_FILES = {"_layers.py"}  # only where the framework lacks a layer
+# The library part: what a user's own script builds on. It never imports the application part
+# (the CLI, bench, plots, the training loop's files and reports), so it stays small and importable alone.
+LIBRARY = {"common", "common.spec", "common.shapes", "common.weights", "common.reference", "common.parity",
+           "common.backend", "common.io", "common.report", "common.data"}
+APPLICATION = {"common.train", "common.plots", "common.cli", "common.cli_args", "common.bench",
+               "common.bench_worker", "common.__main__"}
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            files[name] = path
+    return files
+
+
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules ``name`` imports (module level and inside functions alike)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = module_files()
+    return {name: imports_of(name, path, set(files)) for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle as a list of modules, ignoring the edge from a submodule to its own package
+    (Python runs ``package/__init__`` first: that edge is no cycle of the code's making)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if node.startswith(target + "."):
+                continue
+            if state.get(target) == 1:
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_no_import_cycle():
+    assert find_cycle(import_graph()) is None, " -> ".join(find_cycle(import_graph()))
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    graph = import_graph()
+    graph["common.backend"] = graph["common.backend"] | {"common.train"}  # the cycle this project once had
+    graph["common.train"] = graph["common.train"] | {"common.backend"}
+    cycle = find_cycle(graph)
+    assert cycle is not None and {"common.backend", "common.train"} <= set(cycle)
+
+
+def test_the_library_never_imports_the_application():
+    graph = import_graph()
+    assert set(graph) >= LIBRARY - {"common.data"} and APPLICATION <= set(graph)
+    library = {name for name in graph if name in LIBRARY or name.startswith("common.data.")}
+    offending = {name: sorted(graph[name] & APPLICATION) for name in library if graph[name] & APPLICATION}
+    assert not offending, offending
+    unclassified = {name for name in graph if name.startswith("common")} - library - APPLICATION
+    assert not unclassified, f"classify these as library or application in this test: {sorted(unclassified)}"
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_backend_packages_have_the_same_files(name):
+    files = {path.name for path in (ROOT / BACKENDS[name]).glob("*.py")}
+    expected = set(BACKEND_FILES) if capabilities(name).trains else BACKEND_FILES - {"_trainer.py"}
+    assert expected <= files and not files - expected - OPTIONAL_BACKEND_FILES, sorted(files)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_a_backend_face_holds_no_logic(name):
+    """``__init__.py`` is the face: imports, CAPABILITIES and the public names; no def, class, if or loop."""
+    tree = ast.parse((ROOT / BACKENDS[name] / "__init__.py").read_text())
+    allowed = (ast.Import, ast.ImportFrom, ast.Assign, ast.Expr)
+    logic = [type(node).__name__ for node in tree.body if not isinstance(node, allowed)]
+    assert not logic, logic
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_common_names_no_backend(name):
+    """What differs per framework is in the records: common never branches on a backend's name."""
+    for path in (ROOT / "common").rglob("*.py"):
+        text = path.read_text()
+        for needle in (f'== "{name}"', f'NAME == "{name}"', f"backend == '{name}'"):
+            assert needle not in text, f"{path.relative_to(ROOT)} branches on backend {name!r}"
