@@ -225,8 +225,7 @@ def download(
             except _MirrorFailed as e:
                 failures.append(f"  {spec.name}: {base} -> {e}")
                 if progress and number + 1 < len(urls):
-                    print(f"{spec.name}: {base} failed ({e}); trying {urls[number + 1]}",
-                          file=sys.stderr)
+                    print(f"{spec.name}: {base} -> {e}; trying {urls[number + 1]}", file=sys.stderr)
             except OSError as e:  # local: the folder or the disk, not the network
                 raise DataError(f"{dest / spec.name}: cannot write the download: {e}") from e
         else:
