@@ -24,7 +24,7 @@ from types import MappingProxyType, SimpleNamespace
 import numpy as np
 import pytest
 
-from common import data
+from common import data, io
 from common.data import DataError
 
 N_TRAIN, N_TEST = 12, 5
@@ -207,7 +207,9 @@ def small_remote(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
         specs[role] = dataclasses.replace(
             spec, sha256=hashlib.sha256(raw).hexdigest(), count=len(arrays[role])
         )
-    monkeypatch.setattr(data, "FILES", MappingProxyType(specs))
+    # Patched where it is defined (the modules read it there) and in the package's view.
+    for owner in (data.official, data):
+        monkeypatch.setattr(owner, "FILES", MappingProxyType(specs))
     return bodies
 
 
@@ -344,12 +346,14 @@ def test_download_killed_mid_file_leaves_nothing_under_final_name(
         proc.kill()
         proc.wait()
     leftovers = [p.name for p in tmp_path.iterdir()]
-    assert all(name.startswith(".") and name.endswith(".part") for name in leftovers), leftovers
+    # the temporary file was created before the request was sent, so one is left
+    assert leftovers and all(name.startswith(io.TEMP_PREFIX) for name in leftovers), leftovers
     with pytest.raises(DataError):
         data.locate(tmp_path, download_missing=False)
     server.behaviour = "ok"
-    _download(server, tmp_path)  # a later run is not confused by the stale temp file
+    _download(server, tmp_path)  # a later run is not confused by the stale temp file, and removes it
     data.load(tmp_path, verify=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(s.name for s in data.FILES.values())
 
 
 @pytest.mark.parametrize("behaviour", ["drop", "503"])
@@ -379,7 +383,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
     """Isolated env var / cache / Debian locations, and a fake download that records its target."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "debian")
+    monkeypatch.setattr(data.dataset, "DEBIAN_DIR", tmp_path / "debian")
     downloads: list[Path] = []
 
     def fake_download(dest_dir: Path, *args: object, **kwargs: object) -> Path:
@@ -387,7 +391,7 @@ def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
         _write_dataset(Path(dest_dir))
         return Path(dest_dir)
 
-    monkeypatch.setattr(data, "download", fake_download)
+    monkeypatch.setattr(data.mirrors, "download", fake_download)
     return SimpleNamespace(
         env=tmp_path / "env",
         cache=tmp_path / "xdg" / "alexnet" / "fashion-mnist",
