@@ -22,30 +22,19 @@ import os
 
 import numpy
 
+from common.machine import physical_cores
+
 if "bool" not in numpy.__dict__:  # checked this way: hasattr() warns on numpy 1.26
     numpy.bool = bool  # the builtin is what the removed alias pointed to
-
-
-def physical_cores() -> int:
-    """Distinct physical cores among the CPUs this process may use (Linux sysfs); the count of
-    usable CPUs where the topology cannot be read."""
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in usable:
-        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
-        try:
-            with open(topology + "physical_package_id") as package, open(topology + "core_id") as core:
-                cores.add((package.read().strip(), core.read().strip()))
-        except OSError:
-            return len(usable)
-    return len(cores) or len(usable)
 
 
 if "OMP_NUM_THREADS" not in os.environ:
     os.environ.setdefault("MXNET_OMP_MAX_THREADS", str(physical_cores()))
 
 
-from common.backend import require_framework  # noqa: E402
+import functools  # noqa: E402
+
+from common.backend import GpuStatus, apply_math_environment, choose_device, math_environment, require_framework  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
 
@@ -53,18 +42,76 @@ FRAMEWORK = CAPABILITIES.framework
 mx = require_framework("mxnet", CAPABILITIES)
 
 
-def gpu_available() -> bool:
-    """True when this MXNet build sees at least one GPU."""
+# MXNet 1.9.1's CUDA wheels (the last) carry kernels for compute capabilities up to 8.6 and no PTX.
+LAST_WHEEL_COMPUTE_CAPABILITY = 86
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_status() -> GpuStatus:
+    """Proven, not counted: a small convolution forward and backward must run on mx.gpu(0).
+    MXNet counts an H100 as a GPU and then cannot run a kernel on it."""
+    from mxnet.runtime import Features
+
+    if not Features().is_enabled("CUDA"):
+        return GpuStatus(False, "this MXNet build has no CUDA (the pip 'mxnet' package is CPU only)")
     try:
-        return mx.context.num_gpus() > 0
-    except mx.base.MXNetError:  # CPU-only builds may raise instead of answering 0
-        return False
+        count = mx.context.num_gpus()
+    except mx.base.MXNetError as error:
+        return GpuStatus(False, f"MXNet could not count GPUs ({_first_line(error)})")
+    if count == 0:
+        return GpuStatus(False, "MXNet sees no GPU")
+    ctx = mx.gpu(0)
+    try:
+        capability = mx.util.get_cuda_compute_capability(ctx)
+    except Exception:  # the driver library could not be asked: the convolution below decides
+        capability = None
+    try:
+        x = mx.nd.random.normal(shape=(2, 3, 8, 8), ctx=ctx)
+        w = mx.nd.random.normal(shape=(4, 3, 3, 3), ctx=ctx)
+        w.attach_grad()
+        with mx.autograd.record():
+            loss = mx.nd.Convolution(x, w, kernel=(3, 3), num_filter=4, no_bias=True).square().sum()
+        loss.backward()
+        w.grad.wait_to_read()
+    except mx.base.MXNetError as error:
+        if capability is not None and capability > LAST_WHEEL_COMPUTE_CAPABILITY:
+            why = (f"this MXNet build has no kernels for compute capability {capability // 10}.{capability % 10} "
+                   f"(MXNet 1.9.1's CUDA wheels stop at 8.6, without PTX)")
+        else:
+            why = f"a convolution failed on GPU 0 ({_first_line(error)})"
+        return GpuStatus(False, why, present=True)
+    return GpuStatus(True, f"GPU 0 (compute capability {capability / 10:.1f})" if capability else "GPU 0", present=True)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def gpu_available() -> bool:
+    """Whether MXNet can compute on a GPU here (``gpu_status`` says why not)."""
+    return gpu_status().usable
+
+
+def set_math_mode(math: str) -> None:
+    """MXNet reads its tensor-core switches when it starts, so the math mode is fixed by the
+    environment before import (``common.backend.math_environment``, which the CLI and bench set).
+    Here: refuse a change that can no longer act."""
+    wanted = math_environment(CAPABILITIES.check_math_mode(math))
+    stale = {k: v for k, v in wanted.items() if os.environ.get(k, v) != v}
+    if stale and gpu_status().usable:
+        raise ValueError(f"MXNet's math mode is fixed when it is imported; start the process with "
+                         f"{' '.join(f'{k}={v}' for k, v in wanted.items())} for {math}")
+    apply_math_environment(math)  # for child processes
 
 
 def disable_tf32() -> None:
-    """Ask MXNet's CUDA kernels for full float32: no tensor-core math, no conversions to lower precision."""
-    os.environ["MXNET_CUDA_ALLOW_TENSOR_CORE"] = "0"
-    os.environ["MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION"] = "0"
+    """Full float32 on GPUs: MXNet's tensor-core switches off (see ``set_math_mode``)."""
+    set_math_mode("fp32")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
+    return choose_device(device, gpu_status(), FRAMEWORK)
 
 
 def context(device: str):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from common.backend import choose_device
 from common.io import atomic_path
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
@@ -23,7 +22,7 @@ from common.spec import (
 )
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
 
-from ._framework import FRAMEWORK, context, gpu_available, mx
+from ._framework import context, mx, resolve_device
 
 gluon = mx.gluon
 nn = mx.gluon.nn
@@ -132,7 +131,7 @@ def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weig
     spec = book_alexnet() if spec is None else spec
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    where = choose_device(device, gpu_available(), FRAMEWORK)
+    where = resolve_device(device)
     ctx = context(where)
     canonical = resolve_weights(spec, init_weights(spec, seed) if weights is None else weights)
     model = AlexNet(spec)

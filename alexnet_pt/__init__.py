@@ -22,7 +22,7 @@ CAPABILITIES = Capabilities(
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("channels_last", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels); "
-                "default on CPU, and on a GPU with bf16/fp16", default_on=("cpu",)),
+                "default on a CPU with AVX-512, and on a GPU with bf16/fp16", default_on=("cpu",)),
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
     ),
     native_suffixes=(".pt", ".pth"),
@@ -30,7 +30,8 @@ CAPABILITIES = Capabilities(
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (imports PyTorch: an ImportError names the extra)
-    disable_tf32, gpu_available, matmul_products, peak_device_memory, runtime_info, synchronize,
+    disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
+    synchronize,
 )
 from ._model import (  # noqa: E402
     build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,

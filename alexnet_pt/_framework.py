@@ -3,7 +3,9 @@ devices, float32 math mode, and what the bench asks of the framework (matmul pea
 for the device, memory, build information). A missing install is an ImportError naming the extra."""
 from __future__ import annotations
 
-from common.backend import choose_device, require_framework
+import functools
+
+from common.backend import GpuStatus, choose_device, require_framework
 
 from . import CAPABILITIES
 
@@ -13,20 +15,56 @@ torch = require_framework("torch", CAPABILITIES)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_status() -> GpuStatus:
+    """Proven, not counted: a small convolution forward and backward must run on GPU 0."""
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "PyTorch sees no CUDA GPU"
+        return GpuStatus(False, why)
+    name = torch.cuda.get_device_name(0)
+    try:
+        x = torch.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+        w = torch.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
+        torch.nn.functional.conv2d(x, w).square().sum().backward()
+        torch.cuda.synchronize()
+    except Exception as error:  # e.g. "no kernel image is available for execution on the device"
+        major, minor = torch.cuda.get_device_capability(0)
+        return GpuStatus(False, f"{name} (compute capability {major}.{minor}): a convolution failed on it "
+                                f"({_first_line(error)}); this PyTorch build has kernels for "
+                                f"{', '.join(torch.cuda.get_arch_list()) or 'no architecture'}", present=True)
+    return GpuStatus(True, name, present=True)
+
+
 def gpu_available() -> bool:
-    """Whether this PyTorch build sees a CUDA GPU."""
-    return bool(torch.cuda.is_available())
+    """Whether PyTorch can compute on a CUDA GPU here (``gpu_status`` says why not)."""
+    return gpu_status().usable
+
+
+def set_math_mode(math: str) -> None:
+    """"fp32": strict float32 convolutions and matmuls; "tf32": TF32 tensor cores for both
+    (PyTorch's own default is TF32 for convolutions only, a mix no other framework has)."""
+    allow = CAPABILITIES.check_math_mode(math) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
 
 
 def disable_tf32() -> None:
     """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    set_math_mode("fp32")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
+    return choose_device(device, gpu_status(), FRAMEWORK)
 
 
 def torch_device(device: str) -> "torch.device":
     """'auto' | 'cpu' | 'gpu' -> the torch.device it resolves to on this machine."""
-    return torch.device("cuda" if choose_device(device, gpu_available(), FRAMEWORK) == "gpu" else "cpu")
+    return torch.device("cuda" if resolve_device(device) == "gpu" else "cpu")
 
 
 # ------------------------------------------------------------------ for the bench

@@ -19,6 +19,7 @@ from torch import nn
 
 from common import spec as S
 from common.io import atomic_path
+from common.machine import cpu_flags
 from common.shapes import conv_in_channels, dense_in_features
 from common.weights import DTYPE, WeightsError, check_arrays, init_weights, resolve_weights
 
@@ -47,14 +48,19 @@ def parameter_devices(model) -> set[str]:
 def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool:
     """Whether a model on ``device`` computing in ``precision`` is fastest channels-last (NHWC).
 
-    On CPU always: oneDNN runs its native NHWC convolutions instead of reordering around each
-    call (docs/benchmarks.md: +11% training, +25% inference at 1x224x224, batch 128). On a GPU
-    with mixed precision only (cuDNN's tensor-core kernels are NHWC); float32 GPU models stay
-    NCHW. The same arithmetic summed in another order: results move by about 1e-6 relative,
-    well inside the parity suite's tolerances. ``build`` and the trainer's default both ask
-    this, so ``forward``, ``loss_and_grads`` and ``train_step`` run the same kernels.
+    On a CPU with AVX-512 (and AMX): oneDNN runs its native NHWC convolutions instead of
+    reordering around each call (docs/benchmarks.md, Intel Xeon with AMX: +11% training, +25%
+    inference at 1x224x224, batch 128). On an AVX2-only CPU (AMD EPYC) the same default
+    measured no gain over the plain NCHW code (0.99x), so it stays NCHW there: chosen by the
+    CPU's features, not always. On a GPU with mixed precision only (cuDNN's tensor-core kernels
+    are NHWC); float32 GPU models stay NCHW. The same arithmetic summed in another order: results
+    move by about 1e-6 relative, well inside the parity suite's tolerances. ``build`` and the
+    trainer's default both ask this, so ``forward``, ``loss_and_grads`` and ``train_step`` run the
+    same kernels.
     """
-    return device.type == "cpu" or precision != "fp32"
+    if device.type == "cpu":
+        return "avx512f" in cpu_flags() or not cpu_flags()  # unknown CPU (no /proc/cpuinfo): as before
+    return precision != "fp32"
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

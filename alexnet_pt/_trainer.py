@@ -47,6 +47,8 @@ class Trainer:
         # The parameters move to the chosen memory format in place (same Parameter objects, same
         # values); a channels-last model still computes the same function on NCHW-shaped inputs.
         model.to(memory_format=memory_format(self.channels_last))
+        if self.device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once and keep the fastest
+            torch.backends.cudnn.benchmark = True
         self._forward = torch.compile(model) if self.compile else model
         self._autocast_dtype = None if precision == "fp32" else DTYPES[precision]
         self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None

@@ -31,7 +31,8 @@ CAPABILITIES = Capabilities(
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (imports TensorFlow first: an ImportError names the extra)
-    disable_tf32, gpu_available, matmul_products, peak_device_memory, runtime_info, synchronize,
+    disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
+    synchronize,
 )
 from ._model import (  # noqa: E402
     build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,

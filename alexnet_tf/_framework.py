@@ -10,7 +10,9 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from common.backend import require_framework  # noqa: E402
+import functools  # noqa: E402
+
+from common.backend import GpuStatus, choose_device, require_framework  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
 
@@ -40,14 +42,46 @@ def _allow_gpu_memory_growth() -> None:
 _allow_gpu_memory_growth()
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_status() -> GpuStatus:
+    """Proven, not counted: a small convolution forward and backward must run on /GPU:0."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        why = ("this TensorFlow build has no CUDA (tensorflow-cpu)" if not tf.test.is_built_with_cuda()
+               else "TensorFlow sees no GPU")
+        return GpuStatus(False, why)
+    name = tf.config.experimental.get_device_details(gpus[0]).get("device_name", gpus[0].name)
+    try:
+        with tf.device("/GPU:0"):
+            x = tf.random.normal((2, 8, 8, 3))
+            w = tf.Variable(tf.random.normal((3, 3, 3, 4)))
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(tf.nn.conv2d(x, w, 1, "VALID")))
+            float(tf.reduce_sum(tape.gradient(loss, w)))
+    except Exception as error:  # XLA/CUDA errors differ by version: the message says which
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return GpuStatus(False, f"{name}: a convolution failed on it ({first})", present=True)
+    return GpuStatus(True, name, present=True)
+
+
 def gpu_available() -> bool:
-    """Whether this TensorFlow build sees a GPU."""
-    return bool(tf.config.list_physical_devices("GPU"))
+    """Whether TensorFlow can compute on a GPU here (``gpu_status`` says why not)."""
+    return gpu_status().usable
+
+
+def set_math_mode(math: str) -> None:
+    """"fp32": strict float32; "tf32": TF32 tensor cores for float32 convolutions and matmuls (TF's default)."""
+    tf.config.experimental.enable_tensor_float_32_execution(CAPABILITIES.check_math_mode(math) == "tf32")
 
 
 def disable_tf32() -> None:
     """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
-    tf.config.experimental.enable_tensor_float_32_execution(False)
+    set_math_mode("fp32")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
+    return choose_device(device, gpu_status(), FRAMEWORK)
 
 
 def device_name(device: str) -> str:

@@ -15,13 +15,12 @@ from typing import Callable
 import numpy as np
 
 from common import spec as S
-from common.backend import choose_device
 from common.io import atomic_path
 from common.weights import (WeightsError, check_arrays, first_dense_after_flatten, init_weights,
                             nhwc_flatten_permutation, resolve_weights)
 
 from . import CAPABILITIES
-from ._framework import FRAMEWORK, device_name, gpu_available, keras, tf
+from ._framework import device_name, keras, resolve_device, tf
 from ._layers import AdaptiveAvgPool2d, LocalResponseNorm, SeededDropout
 
 _SPEC_ATTR = "alexnet_spec"
@@ -286,7 +285,7 @@ def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, we
         raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    resolved = choose_device(device, gpu_available(), FRAMEWORK)
+    resolved = resolve_device(device)
     # Check the weights before building anything: a bad file fails fast and cheaply.
     canonical = init_weights(spec, seed) if weights is None else resolve_weights(spec, weights)
     model = build_keras(spec, device_name(resolved))

@@ -10,6 +10,7 @@ import ast
 import functools
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,8 @@ BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx"}
 # The last four serve the bench: the framework's own matmul peak, waiting for the device, memory, build.
 CONTRACT = (
     "CAPABILITIES", "NAME", "FRAMEWORK", "LAYOUT", "Trainer", "build", "disable_tf32", "export_weights", "fit",
-    "forward", "gpu_available", "layer_summary", "load_native", "load_weights", "loss_and_grads", "make_trainer",
-    "model_spec", "param_counts", "parameter_devices", "save_native",
+    "forward", "gpu_available", "gpu_status", "layer_summary", "load_native", "load_weights", "loss_and_grads",
+    "make_trainer", "model_spec", "param_counts", "parameter_devices", "save_native", "set_math_mode",
     "matmul_products", "synchronize", "peak_device_memory", "runtime_info",
 )
 DEVICES = ("auto", "cpu", "gpu")
@@ -194,7 +195,13 @@ class Backend(Protocol):
         """Logits as numpy; with capture=True, (logits, {layer name: output}) in the backend's layout."""
 
     def disable_tf32(self) -> None:
-        """Full float32 on GPUs whose default is TF32 (parity needs ~1e-6, TF32 gives ~1e-3)."""
+        """Full float32 on GPUs whose default is TF32 (parity needs ~1e-6, TF32 gives ~1e-3): ``set_math_mode("fp32")``."""
+
+    def set_math_mode(self, math: str) -> None:
+        """"fp32" (strict) or "tf32" (tensor cores for float32 convolutions and matmuls), on GPUs."""
+
+    def gpu_status(self) -> "GpuStatus":
+        """Whether a small convolution forward and backward runs on the GPU (cached per process), and why not."""
 
     def parameter_devices(self, model: Any) -> set[str]:
         """{'cpu'} or {'gpu'}: read from the native parameters themselves, not from a setting."""
@@ -250,18 +257,76 @@ def require_framework(module: str, capabilities: Capabilities):
         ) from error
 
 
-def choose_device(requested: str, gpu_available: bool, framework: str) -> str:
-    """'auto' -> 'gpu' when the framework sees one, else 'cpu'; 'gpu' without one is an error."""
+@dataclass(frozen=True)
+class GpuStatus:
+    """Whether a framework can really compute on a GPU here, proven by running a small
+    convolution forward and backward on it (a device count alone says nothing about kernels:
+    MXNet 1.9.1's CUDA wheels see an H100 and cannot run a single kernel on it)."""
+
+    usable: bool
+    detail: str  # the GPU's name when usable, else the reason it is not
+    present: bool = False  # the framework sees a GPU device, usable or not
+
+
+_fallback_warned: set[str] = set()
+
+
+def choose_device(requested: str, status: GpuStatus, framework: str) -> str:
+    """'auto' -> 'gpu' when the framework can compute on one, else 'cpu' ('auto' with a GPU present
+    but unusable says why, once, on stderr); 'gpu' without a usable one is a DeviceError with the reason."""
     if requested not in DEVICES:
         raise DeviceError(f"device must be one of {', '.join(DEVICES)}, got {requested!r}")
-    if requested == "gpu" and not gpu_available:
-        raise DeviceError(
-            f"--device gpu was asked for, but {framework} sees no GPU on this machine "
-            f"(or this {framework} build has no GPU support); use --device cpu or auto"
-        )
+    if requested == "gpu" and not status.usable:
+        raise DeviceError(f"--device gpu was asked for, but {framework} cannot compute on a GPU here: "
+                          f"{status.detail}; use --device cpu or auto")
     if requested == "auto":
-        return "gpu" if gpu_available else "cpu"
+        if status.usable:
+            return "gpu"
+        if status.present and framework not in _fallback_warned:
+            _fallback_warned.add(framework)
+            print(f"warning: {framework} runs on the CPU: {status.detail}", file=sys.stderr)
+        return "cpu"
     return requested
+
+
+TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"  # "0": cuBLAS and cuDNN refuse TF32, whatever a framework asks
+
+
+def math_environment(math: str) -> dict[str, str]:
+    """Environment variables that fix the float32 math mode in a process about to import a
+    framework (they act only when set before the import; MXNet has no other switch). For
+    "tf32", ``NVIDIA_TF32_OVERRIDE`` must also be absent (``apply_math_environment`` removes it)."""
+    if math not in MATH_MODES:
+        raise ValueError(f"math mode must be one of {', '.join(MATH_MODES)}, got {math!r}")
+    if math == "fp32":
+        return {TF32_OVERRIDE: "0", "MXNET_CUDA_ALLOW_TENSOR_CORE": "0",
+                "MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION": "0"}
+    return {"MXNET_CUDA_ALLOW_TENSOR_CORE": "1"}
+
+
+def apply_math_environment(math: str, environ: dict | None = None) -> dict:
+    """Put ``math``'s variables into ``environ`` (default: this process's, before any framework
+    import) and drop a TF32 override that would contradict "tf32". Returns ``environ``."""
+    environ = os.environ if environ is None else environ
+    environ.update(math_environment(math))
+    if math == "tf32":
+        environ.pop(TF32_OVERRIDE, None)
+    return environ
+
+
+def effective_math(math: str, device: str) -> str:
+    """The math mode a record states: TF32 exists on GPUs only; a CPU computes float32 as float32."""
+    return math if device == "gpu" else "fp32"
+
+
+def device_description(backend: "Backend", model: Any) -> str:
+    """Where ``model``'s parameters really are, named: the GPU's name, or the CPU's model and features."""
+    from .machine import describe_cpu
+
+    devices = backend.parameter_devices(model)
+    if devices == {"gpu"}:
+        return f"gpu: {backend.gpu_status().detail}"
+    return f"cpu: {describe_cpu()}" if devices == {"cpu"} else f"mixed {sorted(devices)}"
 
 
 @dataclass(frozen=True)
@@ -325,6 +390,6 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 __all__ = [
     "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend", "Capabilities", "DeviceError",
-    "LayerRow", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
+    "GpuStatus", "LayerRow", "apply_math_environment", "device_description", "effective_math", "math_environment", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
     "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
 ]

@@ -31,11 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from . import ROOT, shapes
-from .backend import BACKENDS, DEVICES, PRECISIONS, DeviceError, all_speed_ups, capabilities, speed_up_owner
+from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_environment, capabilities,
+                      speed_up_owner)
 from .bench_worker import THREAD_COUNT_VARIABLES
-from .cli_args import (EXIT_ERROR, add_speed_up_args, backend_list, chosen_speed_ups, default_run_dir, int_list,
-                       non_negative_int, positive_int)
+from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, backend_list, chosen_speed_ups,
+                       default_run_dir, int_list, non_negative_int, positive_int)
 from .io import write_text_atomic
+from .machine import cpu_features, cpu_model, usable_cpus
 from .report import format_table, human_bytes
 from .spec import get_spec
 
@@ -70,8 +72,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                    help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32 (default: the path the parity suite checks) or bf16/fp16 mixed precision")
+    add_precision_arg(p)
+    add_math_arg(p)
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per mode (default 10)")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--data", type=_data_modes, default=DATA_MODES, metavar="synthetic,real",
@@ -115,16 +117,16 @@ class Config:
 
 
 def _check(args) -> None:
-    for backend in args.backends:  # from the records, before any worker starts
-        try:
-            capabilities(backend).check_precision(args.precision)
-        except ValueError as error:
-            raise BenchError(f"--precision {args.precision}: {error}") from None
     if args.baseline and args.precision != "fp32":
         raise BenchError("--baseline runs the book's float32 code: use it with --precision fp32")
     if args.baseline and args.input_size < PLAIN_MIN_INPUT:
         raise BenchError(f"--baseline needs --input-size {PLAIN_MIN_INPUT} or more (the book's TensorFlow and "
                          f"MXNet AlexNet pad no first convolution), got {args.input_size}")
+    for backend in args.backends:  # from the records, before any worker starts
+        try:
+            capabilities(backend).check_precision(args.precision)
+        except ValueError as error:
+            raise BenchError(f"--precision {args.precision}: {error}") from None
     for names in (args.on, args.off):
         for name in names:
             if speed_up_owner(name) not in args.backends:
@@ -141,20 +143,17 @@ def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
     return {
         "backend": config.backend, "impl": config.impl, "batch_size": config.batch_size,
         "options": capabilities(config.backend).trainer_keywords(dict(config.options)),
-        "input_size": args.input_size, "device": args.device, "precision": args.precision,
+        "input_size": args.input_size, "device": args.device, "precision": args.precision, "math": args.math,
         "steps": args.steps, "warmup": args.warmup,
         "data": list(args.data) if config.impl != "plain" else ["synthetic"],
         "data_dir": data_dir, "matmul_size": args.matmul_size, "result": str(result),
     }
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def worker_environment(threads: int | None) -> dict[str, str]:
-    """This process's environment, plus this project on the path and the thread counts."""
-    env = dict(os.environ)
+def worker_environment(threads: int | None, math: str = "fp32") -> dict[str, str]:
+    """This process's environment, plus this project on the path, the math mode (it must be in
+    place before a worker imports its framework) and the thread counts."""
+    env = apply_math_environment(math, dict(os.environ))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if threads == 0:
         return env
@@ -169,7 +168,7 @@ def run_job(config: Config, args, data_dir: str | None, workdir: Path, index: in
     stem = f"{index:03d}-{config.backend}-{config.impl}-b{config.batch_size}"
     job_path, result_path, log_path = (workdir / f"{stem}{suffix}" for suffix in (".job.json", ".result.json", ".log"))
     job_path.write_text(json.dumps(_job(config, args, data_dir, result_path)))
-    env = worker_environment(args.threads)
+    env = worker_environment(args.threads, args.math)
     with open(log_path, "w") as log:
         try:
             process = subprocess.run([sys.executable, "-m", "common.bench_worker", str(job_path)], env=env,
@@ -225,6 +224,7 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
     summary = {
         "label": config.label, "backend": config.backend, "impl": config.impl, "variant": config.variant,
         "batch_size": batch, "options": results[0]["options"], "device": results[0]["device"],
+        "device_name": results[0]["device_name"], "math": results[0]["math"],
         "train_images_per_s": images_per_s,
         "train_step_s": {mode: _stats(steps) for mode, steps in train.items()},
         "inference_images_per_s": _stats([batch / s for s in eval_s]),
@@ -267,14 +267,14 @@ def _ratio(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["backend", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "MFU own", "MFU machine",
+    headers = ["backend", "device", "math", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "MFU own", "MFU machine",
                "vs plain", "real/synth", "peak host", "peak device"]
     body = []
     for r in rows:
         train = _headline(r, "training")
         step = r["train_step_s"].get("synthetic") or r["train_step_s"]["real"]
         body.append([
-            r["backend"], r["variant"], r["batch_size"], f"{train['median']:.1f}", _spread(train),
+            r["backend"], r["device"], r["math"], r["variant"], r["batch_size"], f"{train['median']:.1f}", _spread(train),
             f"{step['median']:.3f}", f"{r['inference_images_per_s']['median']:.1f}", f"{r['mfu']:.2f}",
             f"{r['mfu_machine']:.2f}" if "mfu_machine" in r else "",
             _ratio(r.get("over_plain")), _ratio(r.get("real_over_synthetic")), human_bytes(r["peak_host_bytes"]),
@@ -284,15 +284,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine_environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cpu_features": cpu_features(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
             "python": platform.python_version()}
 
 
@@ -418,10 +410,11 @@ def _bench(args) -> int:
         machine_peak = max(r["peak_gflops"] for r in rows)
         _compare(rows, machine_peak, flops)
 
-        title = (f"AlexNet 1x{args.input_size}x{args.input_size}, {args.precision}, {rows[0]['device']}; "
-                 f"{args.steps} steps x {args.repeat} round(s)")
+        devices = ", ".join(sorted({r["device_name"] for r in rows}))
+        title = (f"AlexNet 1x{args.input_size}x{args.input_size}, {args.precision}, math {rows[0]['math']}, "
+                 f"{devices}; {args.steps} steps x {args.repeat} round(s)")
         environment = machine_environment()
-        workers = worker_environment(args.threads)
+        workers = worker_environment(args.threads, args.math)
         environment.update({
             "worker_threads_env": {name: workers.get(name) for name in THREAD_COUNT_VARIABLES},
             "load_average_before": load_before, "load_average_after": os.getloadavg(),

@@ -86,13 +86,15 @@ def load_plain(name: str):
 
 
 def run(job: dict) -> dict:
-    from common.backend import choose_device, load_backend
+    from common.backend import choose_device, effective_math, load_backend
+    from common.machine import cpu_model
     from common.spec import get_spec
 
     load_before = os.getloadavg()[0]  # the machine's background load (it may be shared)
     name, batch, steps, warmup = job["backend"], job["batch_size"], job["steps"], job["warmup"]
     backend = load_backend(name)  # imports the framework (an ImportError names the extra)
-    device = choose_device(job["device"], backend.gpu_available(), backend.FRAMEWORK)
+    device = choose_device(job["device"], backend.gpu_status(), backend.FRAMEWORK)
+    backend.set_math_mode(job["math"])  # before the peak and the steps: both in the same math mode
     sync = functools.partial(backend.synchronize, device)
     if job["impl"] != "plain":
         backend.CAPABILITIES.check_precision(job["precision"])  # before any work
@@ -145,6 +147,8 @@ def run(job: dict) -> dict:
 
     return {
         "backend": name, "impl": job["impl"], "device": device, "batch_size": batch, "input_size": size,
+        "device_name": backend.gpu_status().detail if device == "gpu" else cpu_model(),
+        "math": effective_math(job["math"], device),
         "options": options, "first_step_s": first_step_s, "train_s": train_s, "eval_s": eval_s,
         "matmul": {"n": matmul_n, "gflops": rates, "warmup_gflops": warm_rates},
         "load_average": [load_before, os.getloadavg()[0]],

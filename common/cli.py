@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError, capabilities, load_backend
-from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
-                       default_run_dir, positive_int, spec_from, summary_backends)
+from .backend import BACKENDS, DEVICES, DeviceError, apply_math_environment, capabilities, load_backend
+from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_math_arg, add_precision_arg, add_spec_args, add_speed_up_args,
+                       backend_list, chosen_speed_ups, default_run_dir, positive_int, spec_from, summary_backends)
+from .io import write_text_atomic
 from .report import format_table, human_bytes
 from .spec import SpecError, get_spec
 from .weights import WeightsError
@@ -95,6 +96,8 @@ def _add_train_args(parser):
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_precision_arg(parser)
+    add_math_arg(parser)
     add_speed_up_args(parser)
 
 
@@ -105,14 +108,24 @@ def _training_spec(args):
 def _fit_kwargs(args, backend: str) -> dict:
     return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                 weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
-                limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True)
+                limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True,
+                precision=args.precision, math_mode=args.math)
 
 
 def default_run_dir(label: str) -> Path:
     return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _check_numerics(args, names) -> None:
+    """Precision from the records, and the math mode into the environment: both before any
+    framework is imported or any data is read."""
+    for name in names:
+        capabilities(name).check_precision(args.precision)
+    apply_math_environment(args.math)
+
+
 def cmd_train(args) -> int:
+    _check_numerics(args, [args.backend])
     backend = load_backend(args.backend)
     run_dir = args.run_dir or default_run_dir(args.backend)
     model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
@@ -142,6 +155,7 @@ def cmd_compare(args) -> int:
     from .data import FashionMNIST
     from .plots import plot_curves
 
+    _check_numerics(args, args.backends)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     run_dir = args.run_dir or default_run_dir("compare")
     histories = {}
@@ -150,10 +164,13 @@ def cmd_compare(args) -> int:
         model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
         histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args, name))
     plot = plot_curves(histories, run_dir / "compare.png")
-    rows = [(name, h.last["train_loss"], h.last["test_loss"], h.last["test_acc"], h.last["images_per_s"])
-            for name, h in histories.items()]
-    print(format_table(["backend", "train loss", "test loss", "test acc", "images/s"], rows))
-    (run_dir / "compare.json").write_text(json.dumps({name: h.rows for name, h in histories.items()}, indent=2) + "\n")
+    rows = [(name, h.last["train_loss"], h.last["test_loss"], h.last["test_acc"], h.last["images_per_s"],
+             h.precision, h.math, h.device) for name, h in histories.items()]
+    print(format_table(["backend", "train loss", "test loss", "test acc", "images/s", "precision", "math", "device"],
+                       rows))
+    record = {name: {"device": h.device, "precision": h.precision, "math": h.math, "epochs": h.rows}
+              for name, h in histories.items()}
+    write_text_atomic(run_dir / "compare.json", json.dumps(record, indent=2) + "\n")
     print(f"curves: {plot}")
     return 0
 

@@ -10,7 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-from .backend import BACKENDS, all_speed_ups, speed_up_choices, speed_up_owner
+from .backend import BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, speed_up_choices, speed_up_owner
 from .spec import VARIANTS, get_spec
 
 EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
@@ -113,3 +113,16 @@ def spec_from(args):
 
 def default_run_dir(label: str) -> Path:
     return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def add_math_arg(parser, *, default: str = "fp32") -> None:
+    parser.add_argument("--math", choices=MATH_MODES, default=default,
+                        help=f"float32 math on GPUs: fp32 (strict) or tf32 (tensor cores, ~1e-3 relative); set "
+                             f"before any framework is imported, the same in every backend (default {default}; "
+                             "a CPU always computes fp32)")
+
+
+def add_precision_arg(parser) -> None:
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32 (default: what the parity suite checks) or bf16/fp16 mixed precision with float32 "
+                             "weights (each backend's CAPABILITIES.precisions says which it has)")

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import data as fmnist
+from .backend import device_description, effective_math
 from .io import write_text_atomic
 from .weights import read_npz, save_weights
 
@@ -54,6 +55,7 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     input_size: tuple[int, int] = (224, 224)
+    math: str = "fp32"  # the float32 math mode in effect (common.backend.effective_math)
     # The trainer's speed options as resolved (Trainer.options): they change the rounding, so a
     # resumed run repeats an uninterrupted one bit for bit only with the same ones.
     trainer_options: tuple[tuple[str, object], ...] = ()
@@ -90,6 +92,9 @@ class History:
     rows: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)  # epoch progress (1.5 = mid epoch 2), loss, acc
     stopped: str | None = None  # "interrupted" when Ctrl-C ended the run
+    device: str = ""  # where the parameters really were: "gpu: <name>" or "cpu: <model>"
+    precision: str = "fp32"
+    math: str = "fp32"  # "tf32" only on a GPU asked for it
 
     @property
     def last(self) -> dict[str, float]:
@@ -119,7 +124,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
         run_dir: str | os.PathLike | None = None, resume: bool = False, limit_train: int | None = None,
         limit_test: int | None = None, data_dir: str | os.PathLike | None = None,
         progress: bool = True, speed_ups: Mapping[str, bool] | None = None,
-        log_epochs: bool | None = None) -> History:
+        log_epochs: bool | None = None, precision: str = "fp32", math_mode: str = "fp32") -> History:
     """Train ``model`` with the book's recipe by default (SGD lr 0.01, batch 128, 10 epochs).
 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
@@ -127,21 +132,28 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     with the very batches an uninterrupted run would have used next. ``speed_ups`` switches the
     backend's speed-ups against its defaults (``backend.CAPABILITIES.speed_ups``, e.g. ``{"xla": False}``).
     ``progress`` shows progress bars; ``log_epochs`` (default: as ``progress``) prints a line per epoch.
+    ``precision`` ("fp32", "bf16", "fp16": the backend's ``CAPABILITIES.precisions``) and ``math_mode``
+    ("fp32" or "tf32" float32 math on GPUs) are checked before any data is loaded.
     """
     log_epochs = progress if log_epochs is None else log_epochs
     keywords = backend.CAPABILITIES.trainer_keywords(speed_ups or {})
+    backend.CAPABILITIES.check_precision(precision)
+    backend.set_math_mode(math_mode)
     spec = backend.model_spec(model)
+    device = device_description(backend, model)
+    math_mode = effective_math(math_mode, "gpu" if device.startswith("gpu") else "cpu")
     config = TrainConfig(backend.NAME, epochs, batch_size, lr, momentum, weight_decay, seed,
-                         limit_train, limit_test, spec.input_size)
+                         limit_train, limit_test, spec.input_size, math_mode)
     if resume and run_dir is None:
         raise ValueError("resume=True needs the run_dir that holds the checkpoint")
     data = data if data is not None else fmnist.FashionMNIST.load(data_dir, progress=progress)
     train_x, train_y = data.train_images[:limit_train], data.train_labels[:limit_train]
     test_x, test_y = data.test_images[:limit_test], data.test_labels[:limit_test]
-    trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, **keywords)
+    trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
+                                   **keywords)
     config = replace(config, trainer_options=tuple(sorted(trainer.options.items())))
     run = Path(run_dir) if run_dir is not None else None
-    history = History(backend.NAME)
+    history = History(backend.NAME, device=device, precision=precision, math=math_mode)
     position = _Position()
     if resume:
         position, history.rows, history.steps = _restore(run, config, backend, model, trainer)
@@ -282,6 +294,7 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
         raise TrainingError(f"{path}: not a training checkpoint of this project ({error})") from None
     wanted = config.comparable()
     saved.setdefault("trainer_options", wanted["trainer_options"])  # checkpoints from before they were recorded
+    saved.setdefault("math", "fp32")  # likewise: before the math mode was recorded, float32 was strict
     differences = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differences:
         raise TrainingError(f"{path} was written by a different run; resume with the same settings:\n  "

@@ -13,8 +13,9 @@ import pytest
 
 from common import ROOT
 from common.backend import all_speed_ups
-from common.bench import Config, configs, summarise, table, usable_cpus, worker_environment
+from common.bench import Config, configs, summarise, table, worker_environment
 from common.bench_worker import THREAD_COUNT_VARIABLES
+from common.machine import cpu_flags, cpu_model, usable_cpus
 from common.cli import build_parser
 from common.spec import book_alexnet
 from common import shapes
@@ -55,8 +56,9 @@ def test_tiny_run_prints_the_table(all_backends, tiny_run):
     header, rows = table_rows(result.stdout)
     for column in ("train img/s", "infer img/s", "MFU", "vs plain", "real/synth", "peak host"):
         assert column in header
-    assert [(r[0], r[1]) for r in rows] == [("pt", "default"), ("pt", "plain"), ("tf", "default"),
+    assert [(r[0], r[3]) for r in rows] == [("pt", "default"), ("pt", "plain"), ("tf", "default"),
                                             ("tf", "plain"), ("mx", "default"), ("mx", "plain")]
+    assert all(r[1:3] == ["cpu", "fp32"] for r in rows)  # every row says which device ran it, in which math
     assert "measured matmul peak" in result.stdout and "bench.json" in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -77,6 +79,7 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
     results = payload["results"]
     assert len(results) == 6
     for row in results:
+        assert row["device"] == "cpu" and row["device_name"] == cpu_model() and row["math"] == "fp32"
         train = row["train_images_per_s"]["synthetic"]
         assert train["n"] == 2 and 0 < train["min"] <= train["median"] <= train["max"]
         assert row["train_step_s"]["synthetic"]["median"] > 0 and row["inference_images_per_s"]["median"] > 0
@@ -92,7 +95,8 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
                 assert row["train_images_per_s"]["real"]["n"] == 2 and row["real_over_synthetic"] > 0
     defaults = {row["backend"]: row["options"] for row in results if row["impl"] == "alexnet"}
     # the CPU defaults (the tiny run is on CPU): the fastest correct path measured there
-    assert defaults["pt"] == {"channels_last": True, "compile": False, "precision": "fp32"}
+    avx512 = "avx512f" in cpu_flags()  # channels-last by the CPU's features (alexnet_pt._model.prefers_channels_last)
+    assert defaults["pt"] == {"channels_last": avx512, "compile": False, "precision": "fp32"}
     assert defaults["tf"] == {"xla": False, "precision": "fp32"}
     assert defaults["mx"] == {"hybridize": True, "precision": "fp32"}
     assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 6
@@ -127,7 +131,8 @@ def test_summary_and_table_from_worker_results():
     flops = {"training": 6_000_000_000, "inference": 2_000_000_000}
     result = {"train_s": {"synthetic": [2.0, 1.0, 4.0], "real": [2.0, 2.0, 2.0]}, "eval_s": [0.5, 0.5, 0.5],
               "matmul": {"n": 2048, "gflops": {"a": [90.0, 100.0, 110.0], "b": [10.0, 10.0, 10.0]}},
-              "options": {"precision": "fp32"}, "device": "cpu", "first_step_s": 3.0,
+              "options": {"precision": "fp32"}, "device": "cpu", "device_name": "Some CPU", "math": "fp32",
+              "first_step_s": 3.0,
               "peak_host_bytes": 2 ** 30, "peak_device_bytes": None, "environment": {}}
     row = summarise(Config("pt", "alexnet", 4), [result], flops)
     assert row["train_images_per_s"]["synthetic"]["median"] == 2.0  # 4 images / 2 s
@@ -160,6 +165,7 @@ def test_a_wrong_flag_value_is_a_one_line_error(args, message):
     (["--input-size", "32"], "at layer 'pool2'"),
     (["--baseline", "--input-size", "65"], "--baseline needs --input-size 67 or more"),
     (["--baseline", "--precision", "bf16"], "--baseline runs the book's float32 code"),
+    (["--backends", "pt,mx", "--precision", "bf16"], "the MXNet backend (mx) trains in precision fp32, not 'bf16'"),
     (["--backends", "tf", "--on", "compile"], "speed-up compile belongs to backend pt"),
     (["--on", "compile", "--off", "compile"], "--on and --off both name compile"),
 ])
@@ -178,7 +184,7 @@ def test_gpu_without_a_gpu_is_a_clear_error(tmp_path):
     result = bench("--backends", "pt", "--device", "gpu", *TINY, "--data", "synthetic", "--out", str(tmp_path / "out"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "--device gpu was asked for, but PyTorch sees no GPU" in lines[0]
+    assert len(lines) == 1 and "--device gpu was asked for, but PyTorch cannot compute on a GPU here: " in lines[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 

@@ -106,8 +106,12 @@ def test_compare_trains_every_backend_on_the_same_batches(all_backends, tmp_path
     assert (run_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     histories = json.loads((run_dir / "compare.json").read_text())
     assert sorted(histories) == ["mx", "pt", "tf"]
-    first_losses = [histories[name][0]["train_loss"] for name in ("pt", "tf", "mx")]
+    first_losses = [histories[name]["epochs"][0]["train_loss"] for name in ("pt", "tf", "mx")]
     assert max(first_losses) - min(first_losses) < 0.05  # same start, same batches: close (dropout differs)
+    for name in ("pt", "tf", "mx"):  # every row says where and how it computed
+        assert histories[name]["device"].startswith("cpu: ") and histories[name]["math"] == "fp32"
+        assert histories[name]["precision"] == "fp32"
+    assert "cpu: " in out
 
 
 def test_parity_command_fails_loudly_on_a_transposed_dense_kernel(all_backends, monkeypatch, capsys):
@@ -144,4 +148,27 @@ def test_parity_command_fails_loudly_on_a_transposed_dense_kernel(all_backends, 
 def test_train_speed_up_flags_are_checked_before_any_work(args, message, tmp_path):
     result = run("train", *args, "--run-dir", str(tmp_path / "run"), "--data-dir", str(tmp_path / "nothing-here"))
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
+@pytest.mark.parametrize("name", ["pt", "tf"])
+def test_train_in_bf16_on_the_cpu_where_the_framework_has_it(name, tmp_path, capsys):
+    from common.weights import read_npz
+
+    run_dir = tmp_path / "run"
+    assert main(["train", "--backend", name, "--precision", "bf16", "--input-size", "65", "--epochs", "1",
+                 "--limit-train", "32", "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA),
+                 "--no-progress", "--run-dir", str(run_dir)]) == 0
+    config = json.loads(str(read_npz(run_dir / "checkpoint.npz")["meta/config"]))
+    assert config["trainer_options"]["precision"] == "bf16" and config["math"] == "fp32"
+    assert np.isfinite(json.loads((run_dir / "metrics.json").read_text())[0]["test_loss"])
+
+
+def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):
+    result = run("train", "--backend", "mx", "--precision", "bf16", "--run-dir", str(tmp_path / "run"),
+                 "--data-dir", str(tmp_path / "nothing-here"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0] == "alexnet train: error: the MXNet backend (mx) trains in precision fp32, not 'bf16'"
     assert not (tmp_path / "run").exists()
