@@ -1,4 +1,4 @@
-"""The contract every backend module (alexnet_pt, alexnet_tf, alexnet_mx) fulfils.
+"""The contract every backend module (alexnet_pt, alexnet_tf, alexnet_mx, alexnet_onnx) fulfils.
 
 A user switches framework by changing one import; these names mean the same in each.
 Shared behaviour that needs no framework (the layer-summary table, device choice,
@@ -21,7 +21,7 @@ from . import shapes
 from .report import format_table
 from .spec import ModelSpec
 
-BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx"}
+BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx", "onnx": "alexnet_onnx"}
 # The public names of every backend module (its __all__ starts with these): one import switches framework.
 # The last four serve the bench: the framework's own matmul peak, waiting for the device, memory, build.
 CONTRACT = (
@@ -128,6 +128,13 @@ def capabilities(name: str) -> Capabilities:
             code = compile(ast.Expression(node.value), str(path), "eval")
             return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp})
     raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
+
+
+def training_backends() -> list[str]:
+    """The backends whose record says they train (``Capabilities.trains``): what "all" means on the
+    command line and in the cross-backend tests, since most commands train or compare training.
+    An inference-only backend (onnx) is used where it is named."""
+    return [name for name in BACKENDS if capabilities(name).trains]
 
 
 def all_speed_ups() -> dict[str, dict[str, SpeedUp]]:
@@ -327,4 +334,5 @@ __all__ = [
     "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend", "Capabilities", "DeviceError",
     "LayerRow", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
     "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
+    "training_backends",
 ]

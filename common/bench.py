@@ -33,8 +33,8 @@ import numpy as np
 from . import ROOT, shapes
 from .backend import BACKENDS, DEVICES, PRECISIONS, DeviceError, all_speed_ups, capabilities, speed_up_owner
 from .bench_worker import THREAD_COUNT_VARIABLES
-from .cli_args import (EXIT_ERROR, add_speed_up_args, backend_list, chosen_speed_ups, default_run_dir, int_list,
-                       non_negative_int, positive_int)
+from .cli_args import (EXIT_ERROR, add_speed_up_args, chosen_speed_ups, default_run_dir, int_list, non_negative_int,
+                       positive_int, training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
 from .spec import get_spec
@@ -64,7 +64,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "matrix-multiply rate each framework measures on the same device. Writes a table, "
                     "bench.json and bench.png.",
     )
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
                    metavar="N,N")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",

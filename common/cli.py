@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError, capabilities, load_backend
+from .backend import BACKENDS, DEVICES, DeviceError, capabilities, load_backend, training_backends
 from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
-                       default_run_dir, positive_int, spec_from, summary_backends)
+                       default_run_dir, positive_int, spec_from, summary_backends, training_backend_list)
 from .report import format_table, human_bytes
 from .spec import SpecError, get_spec
 from .weights import WeightsError
@@ -205,14 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="layer table: shapes per backend, parameters, MACs, memory")
     add_spec_args(p)
-    p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|all|none",
+    p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|onnx|all|none",
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="compare every backend with the float64 reference, layer by layer")
     add_spec_args(p)
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx")
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seed", type=int, help="weights and input seed (default: random, printed for replay)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
@@ -220,14 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with the book's recipe")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=training_backends())
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="where metrics, curves and checkpoints go (default runs/BACKEND-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=training_backends())
     p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S")
     p.add_argument("--limit-test", type=positive_int, metavar="N")
@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several backends from the same weights on the same batches")
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
@@ -245,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params")
+    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints and .onnx")
+    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5, .params or .onnx")
     p.add_argument("dst", help="output file, format by its suffix")
     add_spec_args(p)
     p.set_defaults(func=cmd_convert)
