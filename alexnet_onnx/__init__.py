@@ -21,7 +21,7 @@ from common.backend import bound_layer_summary as _bound_layer_summary
 CAPABILITIES = Capabilities(
     name="onnx", framework="ONNX Runtime", extra="onnx", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32",), devices=("cpu", "gpu"), speed_ups=(),
-    native_suffixes=(".onnx",), trains=False,
+    native_suffixes=(".onnx",), trains=False, exports=(".onnx",),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
@@ -29,10 +29,10 @@ from ._framework import (  # noqa: E402  (imports ONNX Runtime: an ImportError n
     disable_tf32, gpu_available, matmul_products, peak_device_memory, runtime_info, synchronize,
 )
 from ._model import (  # noqa: E402
-    OPSET, InferenceOnlyError, Trainer, build, export_weights, fit, forward, load_native, load_weights,
-    loss_and_grads, make_trainer, model_spec, param_counts, parameter_devices, save_native,
+    OPSET, InferenceOnlyError, Trainer, build, export_artifacts, export_weights, fit, forward, load_native,
+    load_weights, loss_and_grads, make_trainer, model_spec, param_counts, parameter_devices, save_native,
 )
 
 layer_summary = _bound_layer_summary(__name__)
 
-__all__ = [*_CONTRACT, "InferenceOnlyError", "OPSET"]
+__all__ = [*_CONTRACT, "export_artifacts", "InferenceOnlyError", "OPSET"]

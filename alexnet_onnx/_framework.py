@@ -141,6 +141,6 @@ def runtime_info(device: str) -> dict:
     return info
 
 
-__all__ = ["CPU", "CUDA", "IR_VERSION", "OPSET", "disable_tf32", "gpu_available", "make_model", "make_session",
-           "matmul_products", "onnx",
+__all__ = ["CPU", "CUDA", "IR_VERSION", "OPSET", "TensorProto", "disable_tf32", "gpu_available", "helper",
+           "make_model", "make_session", "matmul_products", "numpy_helper", "onnx",
            "ort", "peak_device_memory", "resolve_device", "runtime_info", "session_device", "synchronize"]

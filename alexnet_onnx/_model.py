@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from common import spec as S
-from common.backend import DeviceError
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError
 from common.io import atomic_path
 from common.shapes import infer
 from common.weights import DTYPE, WeightsError, check_arrays, expected_shapes, init_weights, resolve_weights
@@ -30,7 +30,7 @@ from common.weights import DTYPE, WeightsError, check_arrays, expected_shapes, i
 from ._framework import (OPSET, TensorProto, helper, make_model, make_session, numpy_helper, onnx, resolve_device,
                          session_device)
 
-INPUT, OUTPUT, BATCH = "input", "logits", "batch"  # the graph's input and output names, the batch dimension's
+INPUT, OUTPUT, BATCH = ARTIFACT_INPUT, ARTIFACT_OUTPUT, "batch"  # graph input, output, batch dimension names
 
 
 class InferenceOnlyError(NotImplementedError, ValueError):
@@ -281,6 +281,11 @@ def save_native(model: OnnxAlexNet, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         onnx.save_model(model.proto, str(tmp))
     return path
+
+
+def export_artifacts(model: OnnxAlexNet, folder: str | os.PathLike) -> list[Path]:
+    """The deployable artifact: ``folder/alexnet.onnx``, this graph (``save_native``'s file)."""
+    return [save_native(model, Path(folder) / "alexnet.onnx")]
 
 
 def load_native(model: OnnxAlexNet, path: str | os.PathLike) -> None:

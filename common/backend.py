@@ -36,6 +36,8 @@ DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Float32 math on GPUs: strict fp32, or TF32 tensor cores (10 mantissa bits) where the GPU has them.
 MATH_MODES = ("fp32", "tf32")
+# The names of an exported artifact's input (float32 NCHW, any batch size) and output (the logits).
+ARTIFACT_INPUT, ARTIFACT_OUTPUT = "input", "logits"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class Capabilities:
     speed_ups: tuple[SpeedUp, ...]
     native_suffixes: tuple[str, ...]  # the framework's own checkpoint file endings, first is written
     trains: bool = True  # False for inference-only backends
+    # Deployable artifacts ``alexnet export`` writes (file endings), through the backend's
+    # ``export_artifacts(model, folder)``; each runs with its framework's plain loader, no project code.
+    exports: tuple[str, ...] = ()
 
     def __post_init__(self):
         for what, values, allowed in (("precisions", self.precisions, PRECISIONS),
@@ -128,6 +133,11 @@ def capabilities(name: str) -> Capabilities:
             code = compile(ast.Expression(node.value), str(path), "eval")
             return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp})
     raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
+
+
+def exporting_backends() -> list[str]:
+    """The backends whose record lists deployable artifacts (``Capabilities.exports``)."""
+    return [name for name in BACKENDS if capabilities(name).exports]
 
 
 def training_backends() -> list[str]:
@@ -331,8 +341,9 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 
 __all__ = [
-    "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend", "Capabilities", "DeviceError",
+    "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
+    "Capabilities", "DeviceError",
     "LayerRow", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
     "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
-    "training_backends",
+    "exporting_backends", "training_backends",
 ]

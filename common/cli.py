@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError, capabilities, load_backend, training_backends
+from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, capabilities, exporting_backends,
+                      load_backend, training_backends)
 from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
                        default_run_dir, positive_int, spec_from, summary_backends, training_backend_list)
 from .report import format_table, human_bytes
@@ -198,6 +199,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+# How a consumer runs each artifact with its framework alone (x: float32 NCHW numpy, any batch size).
+ARTIFACT_LOADERS = {
+    ".pt2": "torch.export.load(path).module()(torch.from_numpy(x))",
+    ".onnx": f"onnxruntime.InferenceSession(path).run(None, {{'{ARTIFACT_INPUT}': x}})[0]",
+}
+
+
+def cmd_export(args) -> int:
+    from .io import check_writable
+
+    spec = spec_from(args)
+    check_writable(args.out)
+    backend = load_backend(args.backend)
+    model = backend.build(spec, weights=args.weights, device="cpu")  # the weights are checked before any file
+    paths = backend.export_artifacts(model, args.out)
+    c, h, w = spec.input_shape
+    print(f"AlexNet ({spec.name}) with {backend.FRAMEWORK} from {args.weights}: input '{ARTIFACT_INPUT}' float32 "
+          f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
+    for path in paths:
+        print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
@@ -250,6 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output file, format by its suffix")
     add_spec_args(p)
     p.set_defaults(func=cmd_convert)
+
+    loaders = "; ".join(f"{suffix}: {loader}" for suffix, loader in ARTIFACT_LOADERS.items())
+    p = sub.add_parser(
+        "export", help="deployable artifacts (torch.export .pt2, ONNX) that run without this project",
+        description="Write the framework's own deployable files for canonical weights, each taking any batch "
+                    f"size, in inference mode; a consumer needs only the framework. Run them with {loaders}.")
+    p.add_argument("--backend", required=True, choices=exporting_backends(),
+                   help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).exports)} "
+                                  f"({capabilities(n).framework})" for n in exporting_backends()))
+    p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    add_spec_args(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -31,8 +31,8 @@ from common import reference, shapes  # noqa: E402
 from common.backend import DeviceError  # noqa: E402
 from common.cli import main  # noqa: E402
 from common.parity import layer_errors, make_case  # noqa: E402
-from common.spec import (VARIANTS, AdaptiveAvgPool2d, Conv2d, Dense, Flatten, LocalResponseNorm, ModelSpec,  # noqa: E402
-                         ReLU, book_alexnet, get_spec)
+from common.spec import (VARIANTS, AdaptiveAvgPool2d, Conv2d, Dense, Flatten,  # noqa: E402
+                         LocalResponseNorm, ModelSpec, ReLU, book_alexnet, get_spec)
 from common.weights import WeightsError, init_weights, save_weights  # noqa: E402
 
 TOLERANCE = 1e-4
