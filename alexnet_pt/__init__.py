@@ -25,7 +25,7 @@ CAPABILITIES = Capabilities(
                 "default on a CPU with AVX-512, and on a GPU with bf16/fp16", default_on=("cpu",)),
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
     ),
-    native_suffixes=(".pt", ".pth"),
+    native_suffixes=(".pt", ".pth"), exports=(".pt2", ".onnx"),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
@@ -34,12 +34,12 @@ from ._framework import (  # noqa: E402  (imports PyTorch: an ImportError names 
     synchronize,
 )
 from ._model import (  # noqa: E402
-    build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
-    parameter_devices, save_native,
+    build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
+    param_counts, parameter_devices, save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT]
+__all__ = [*_CONTRACT, "export_artifacts"]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import spec as S
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
 from common.io import atomic_path
 from common.machine import cpu_flags
 from common.shapes import conv_in_channels, dense_in_features
@@ -240,3 +241,38 @@ def load_native(model: AlexNet, path: str | os.PathLike) -> None:
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_arrays(model_spec(model), expected, state, source=str(path))
     model.load_state_dict(state, strict=True)
+
+
+# The largest batch the exported programs promise to take (torch.export needs a bound; any will do).
+EXPORT_MAX_BATCH = 65536
+
+
+def export_artifacts(model: AlexNet, folder: str | os.PathLike) -> list[Path]:
+    """The deployable artifacts, each for any batch size, on the CPU, in inference mode (dropout off):
+
+    * ``folder/alexnet.pt2``: a ``torch.export`` program; ``torch.export.load(path).module()(x)``.
+    * ``folder/alexnet.onnx``: ONNX through ``torch.onnx.export`` (the dynamo exporter; it needs
+      onnxscript, in the ``onnx`` extra); ``onnxruntime.InferenceSession(path)``.
+
+    Input ``input`` float32 NCHW (batch, C, H, W) at the spec's size; output ``logits``.
+    """
+    try:  # checked first, so that a missing exporter leaves no half of the artifacts behind
+        import onnxscript  # noqa: F401  (what torch.onnx's exporter runs on)
+    except ImportError as error:
+        raise ImportError(f"exporting ONNX from PyTorch needs onnxscript ({error}); "
+                          f"install it with: pip install 'alexnet-three[onnx]'") from error
+    folder = Path(folder)
+    spec = model_spec(model)
+    cpu = build(spec, weights=export_weights(model), device="cpu").to(memory_format=torch.contiguous_format)
+    example = (torch.zeros(2, *spec.input_shape),)  # batch 2: torch.export specialises a dimension seen as 1
+    batch = {0: torch.export.Dim("batch", min=1, max=EXPORT_MAX_BATCH)}
+    program = torch.export.export(cpu.eval(), example, dynamic_shapes=(batch,))
+    pt2 = folder / "alexnet.pt2"
+    with atomic_path(pt2) as tmp:
+        torch.export.save(program, tmp)
+    onnx_program = torch.onnx.export(cpu, example, dynamo=True, dynamic_shapes=(batch,), verbose=False,
+                                     input_names=[ARTIFACT_INPUT], output_names=[ARTIFACT_OUTPUT])
+    onnx_path = folder / "alexnet.onnx"
+    with atomic_path(onnx_path) as tmp:
+        onnx_program.save(tmp, external_data=False)
+    return [pt2, onnx_path]

@@ -1,4 +1,4 @@
-"""The contract every backend module (alexnet_pt, alexnet_tf, alexnet_mx) fulfils.
+"""The contract every backend module (alexnet_pt, alexnet_tf, alexnet_mx, alexnet_onnx) fulfils.
 
 A user switches framework by changing one import; these names mean the same in each.
 Shared behaviour that needs no framework (the layer-summary table, device choice,
@@ -22,7 +22,7 @@ from . import shapes
 from .report import format_table
 from .spec import ModelSpec
 
-BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx"}
+BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx", "onnx": "alexnet_onnx"}
 # The public names of every backend module (its __all__ starts with these): one import switches framework.
 # The last four serve the bench: the framework's own matmul peak, waiting for the device, memory, build.
 CONTRACT = (
@@ -37,6 +37,8 @@ DEVICES = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Float32 math on GPUs: strict fp32, or TF32 tensor cores (10 mantissa bits) where the GPU has them.
 MATH_MODES = ("fp32", "tf32")
+# The names of an exported artifact's input (float32 NCHW, any batch size) and output (the logits).
+ARTIFACT_INPUT, ARTIFACT_OUTPUT = "input", "logits"
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class Capabilities:
     speed_ups: tuple[SpeedUp, ...]
     native_suffixes: tuple[str, ...]  # the framework's own checkpoint file endings, first is written
     trains: bool = True  # False for inference-only backends
+    # Deployable artifacts ``alexnet export`` writes (file endings), through the backend's
+    # ``export_artifacts(model, folder)``; each runs with its framework's plain loader, no project code.
+    exports: tuple[str, ...] = ()
 
     def __post_init__(self):
         for what, values, allowed in (("precisions", self.precisions, PRECISIONS),
@@ -129,6 +134,18 @@ def capabilities(name: str) -> Capabilities:
             code = compile(ast.Expression(node.value), str(path), "eval")
             return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp})
     raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
+
+
+def exporting_backends() -> list[str]:
+    """The backends whose record lists deployable artifacts (``Capabilities.exports``)."""
+    return [name for name in BACKENDS if capabilities(name).exports]
+
+
+def training_backends() -> list[str]:
+    """The backends whose record says they train (``Capabilities.trains``): what "all" means on the
+    command line and in the cross-backend tests, since most commands train or compare training.
+    An inference-only backend (onnx) is used where it is named."""
+    return [name for name in BACKENDS if capabilities(name).trains]
 
 
 def all_speed_ups() -> dict[str, dict[str, SpeedUp]]:
@@ -389,7 +406,10 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 
 __all__ = [
-    "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend", "Capabilities", "DeviceError",
-    "GpuStatus", "LayerRow", "apply_math_environment", "device_description", "effective_math", "math_environment", "SpeedUp", "Trainer", "all_speed_ups", "bound_layer_summary", "capabilities", "choose_device",
+    "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
+    "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "SpeedUp", "Trainer", "all_speed_ups",
+    "apply_math_environment", "bound_layer_summary", "capabilities", "choose_device", "device_description",
+    "effective_math", "math_environment",
     "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
+    "exporting_backends", "training_backends",
 ]

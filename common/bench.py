@@ -34,8 +34,8 @@ from . import ROOT, shapes
 from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_environment, capabilities,
                       speed_up_owner)
 from .bench_worker import THREAD_COUNT_VARIABLES
-from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, backend_list, chosen_speed_ups,
-                       default_run_dir, int_list, non_negative_int, positive_int)
+from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
+                       default_run_dir, int_list, non_negative_int, positive_int, training_backend_list)
 from .io import write_text_atomic
 from .machine import cpu_features, cpu_model, usable_cpus
 from .report import format_table, human_bytes
@@ -66,7 +66,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "matrix-multiply rate each framework measures on the same device. Writes a table, "
                     "bench.json and bench.png.",
     )
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
                    metavar="N,N")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",

@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from . import shapes
-from .backend import BACKENDS, DEVICES, DeviceError, apply_math_environment, capabilities, load_backend
+from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, apply_math_environment,
+                      capabilities, exporting_backends, load_backend, training_backends)
 from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_math_arg, add_precision_arg, add_spec_args, add_speed_up_args,
-                       backend_list, chosen_speed_ups, default_run_dir, positive_int, spec_from, summary_backends)
+                       backend_list, chosen_speed_ups, default_run_dir, positive_int, spec_from, summary_backends,
+                       training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
 from .spec import SpecError, get_spec
@@ -215,6 +217,30 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+# How a consumer runs each artifact with its framework alone (x: float32 NCHW numpy, any batch size).
+ARTIFACT_LOADERS = {
+    ".pt2": "torch.export.load(path).module()(torch.from_numpy(x))",
+    ".onnx": f"onnxruntime.InferenceSession(path).run(None, {{'{ARTIFACT_INPUT}': x}})[0]",
+}
+
+
+def cmd_export(args) -> int:
+    from .io import check_writable
+
+    spec = spec_from(args)
+    check_writable(args.out)
+    backend = load_backend(args.backend)
+    model = backend.build(spec, weights=args.weights, device="cpu")  # the weights are checked before any file
+    paths = backend.export_artifacts(model, args.out)
+    c, h, w = spec.input_shape
+    print(f"AlexNet ({spec.name}) with {backend.FRAMEWORK} from {args.weights}: input '{ARTIFACT_INPUT}' float32 "
+          f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
+    for path in paths:
+        print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
@@ -222,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="layer table: shapes per backend, parameters, MACs, memory")
     add_spec_args(p)
-    p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|all|none",
+    p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|onnx|all|none",
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="compare every backend with the float64 reference, layer by layer")
     add_spec_args(p)
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx")
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seed", type=int, help="weights and input seed (default: random, printed for replay)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
@@ -237,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with the book's recipe")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=training_backends())
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="where metrics, curves and checkpoints go (default runs/BACKEND-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=training_backends())
     p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S")
     p.add_argument("--limit-test", type=positive_int, metavar="N")
@@ -254,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several backends from the same weights on the same batches")
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
@@ -262,11 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params")
+    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints and .onnx")
+    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5, .params or .onnx")
     p.add_argument("dst", help="output file, format by its suffix")
     add_spec_args(p)
     p.set_defaults(func=cmd_convert)
+
+    loaders = "; ".join(f"{suffix}: {loader}" for suffix, loader in ARTIFACT_LOADERS.items())
+    p = sub.add_parser(
+        "export", help="deployable artifacts (torch.export .pt2, ONNX) that run without this project",
+        description="Write the framework's own deployable files for canonical weights, each taking any batch "
+                    f"size, in inference mode; a consumer needs only the framework. Run them with {loaders}.")
+    p.add_argument("--backend", required=True, choices=exporting_backends(),
+                   help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).exports)} "
+                                  f"({capabilities(n).framework})" for n in exporting_backends()))
+    p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    add_spec_args(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

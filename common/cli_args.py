@@ -10,7 +10,8 @@ import argparse
 import time
 from pathlib import Path
 
-from .backend import BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, speed_up_choices, speed_up_owner
+from .backend import (BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, capabilities, speed_up_choices, speed_up_owner,
+                      training_backends)
 from .spec import VARIANTS, get_spec
 
 EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
@@ -55,12 +56,26 @@ def non_negative_int(text: str) -> int:
 
 
 def backend_list(text: str) -> list[str]:
+    """Backend names, comma-separated; "all" is every backend that trains (an inference-only one,
+    such as onnx, is compared where it is named)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
     if names == ["all"]:
-        return list(BACKENDS)
+        return training_backends()
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} or all")
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} "
+                                         f"or all ({', '.join(training_backends())})")
+    return names
+
+
+def training_backend_list(text: str) -> list[str]:
+    """``backend_list`` for commands that train: an inference-only backend is refused by its record."""
+    names = backend_list(text)
+    inference_only = [n for n in names if not capabilities(n).trains]
+    if inference_only:
+        raise argparse.ArgumentTypeError(
+            f"backend(s) {', '.join(inference_only)} run inference only and cannot train; "
+            f"choose from {', '.join(training_backends())} or all")
     return names
 
 

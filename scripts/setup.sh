@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv with the three frameworks and this project (editable).
+# Creates .venv with the three frameworks, ONNX Runtime and this project (editable).
 # The pinned PyTorch goes in first, so that the project's "torch" requirement is already met
 # and pip does not pick another (multi-GB CUDA) build. Where PyPI's torch is a CUDA build and
 # you want CPU only, set TORCH_INDEX_URL to PyTorch's CPU wheel index. On a GPU machine set
-# ALEXNET_GPU=1 for TensorFlow's CUDA build too (tensorflow[and-cuda]).
+# ALEXNET_GPU=1 for TensorFlow's CUDA build too (tensorflow[and-cuda]) and onnxruntime-gpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -12,6 +12,6 @@ TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 extras="all,test"
-[ "${ALEXNET_GPU:-0}" = 1 ] && extras="torch,tensorflow-gpu,mxnet,test"
+[ "${ALEXNET_GPU:-0}" = 1 ] && extras="torch,tensorflow-gpu,mxnet,onnx-gpu,test"
 .venv/bin/python -m pip install -q -e ".[$extras]"
-.venv/bin/python -c "import common, alexnet_pt, alexnet_tf, alexnet_mx; print('alexnet: pt, tf and mx backends installed in .venv')"
+.venv/bin/python -c "import common, alexnet_pt, alexnet_tf, alexnet_mx, alexnet_onnx; print('alexnet: pt, tf, mx and onnx backends installed in .venv')"

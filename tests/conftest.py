@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.backend import BACKENDS, load_backend
+from common.backend import BACKENDS, load_backend, training_backends
 
 REQUIRE_ALL = os.environ.get("ALEXNET_REQUIRE_ALL_BACKENDS") == "1"
+TRAINING_BACKENDS = training_backends()  # the cross-backend tests train or compare training
 REAL_DATA = Path(os.environ.get("ALEXNET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist"))
 
 
@@ -27,14 +28,20 @@ def get_backend(name: str):
         pytest.skip(f"backend {name} unavailable: {error}")
 
 
-@pytest.fixture(params=list(BACKENDS))
+@pytest.fixture(params=TRAINING_BACKENDS)
 def backend(request):
+    return get_backend(request.param)
+
+
+@pytest.fixture(params=list(BACKENDS))
+def every_backend(request):
+    """Every registered backend, inference-only ones (onnx) included: for the contract's rules."""
     return get_backend(request.param)
 
 
 @pytest.fixture
 def all_backends():
-    return [get_backend(name) for name in BACKENDS]
+    return [get_backend(name) for name in TRAINING_BACKENDS]
 
 
 @pytest.fixture

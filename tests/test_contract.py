@@ -2,19 +2,24 @@
 from common.backend import BACKENDS, CONTRACT, Capabilities, capabilities
 
 
-def test_backend_exports_exactly_the_contract(backend):
+def test_backend_exports_exactly_the_contract(every_backend):
+    backend = every_backend
     assert [name for name in backend.__all__ if name in CONTRACT] == list(CONTRACT)
     missing = [name for name in CONTRACT if not hasattr(backend, name)]
     assert not missing, f"{backend.__name__} lacks {missing}"
     assert BACKENDS[backend.NAME] == backend.__name__
-    assert backend.LAYOUT in ("NCHW", "NHWC") and backend.FRAMEWORK in ("PyTorch", "TensorFlow", "MXNet")
+    assert backend.LAYOUT in ("NCHW", "NHWC")
+    assert backend.FRAMEWORK in ("PyTorch", "TensorFlow", "MXNet", "ONNX Runtime")
     data = ("CAPABILITIES", "NAME", "FRAMEWORK", "LAYOUT")
     assert all(callable(getattr(backend, name)) for name in CONTRACT if name not in data)
+    # alexnet export's hook exists exactly where the record lists artifacts
+    assert callable(getattr(backend, "export_artifacts", None)) == bool(backend.CAPABILITIES.exports)
 
 
-def test_capabilities_read_without_the_framework_equal_the_imported_record(backend):
+def test_capabilities_read_without_the_framework_equal_the_imported_record(every_backend):
     """common reads each face's record by parsing it (no framework import): it must be the very
     record the imported module holds, and NAME/FRAMEWORK/LAYOUT must come from it."""
+    backend = every_backend
     record = backend.CAPABILITIES
     assert isinstance(record, Capabilities) and capabilities(backend.NAME) == record
     assert (backend.NAME, backend.FRAMEWORK, backend.LAYOUT) == (record.name, record.framework, record.layout)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from common import reference
-from common.backend import BACKENDS
+from common.backend import training_backends
 from common.parity import layer_errors, make_case, sgd_update, to_backend_layout
 from common.spec import book_alexnet, paper_alexnet
 from common.weights import init_weights, nhwc_flatten_permutation
@@ -62,7 +62,7 @@ def training_results():
     from tests.conftest import get_backend
 
     results = {}
-    for name in BACKENDS:
+    for name in training_backends():
         backend = get_backend(name)
         model = backend.build(spec, weights=weights, device="cpu")
         loss, grads = backend.loss_and_grads(model, to_backend_layout(x, backend.LAYOUT), labels)
