@@ -8,7 +8,7 @@ tie: at such a decision two correct float32 programs may legitimately differ.
 import numpy as np
 import pytest
 
-from common import reference
+from common import reference, shapes
 from common.backend import BACKENDS
 from common.parity import layer_errors, make_case, sgd_update, to_backend_layout
 from common.spec import book_alexnet, get_spec, paper_alexnet
@@ -45,8 +45,17 @@ def torchvision_cases():
 
 @pytest.mark.parametrize("chw", [(3, 224, 224), (3, 256, 300)], ids=["224", "256x300"])
 def test_torchvision_variant_matches_the_float64_reference(backend, torchvision_cases, chw):
+    """Every layer's numbers, and (on the same 61M-parameter model, built once) its shape table:
+    61,100,840 parameters, and at 256x300 a 7x8 pool5 pooled to 6x6, fc6 still taking 9,216."""
     spec, case = get_spec("torchvision").with_input(*chw), torchvision_cases[chw]
-    errors = layer_errors(backend, backend.build(spec, weights=case.weights, device="cpu"), case.x, case.expected)
+    model = backend.build(spec, weights=case.weights, device="cpu")
+    rows = backend.layer_summary(model, shapes.to_layout((1, *chw), backend.LAYOUT), print_table=False)
+    expected = shapes.infer(spec, layout=backend.LAYOUT)
+    assert [(r.name, r.shape, r.params) for r in rows] == [(e.name, e.shape, e.params) for e in expected]
+    assert sum(r.params for r in rows) == 61_100_840
+    pool5 = {r.name: r.shape for r in rows}["pool5"]
+    assert (pool5[2:] if backend.LAYOUT == "NCHW" else pool5[1:3]) == {224: (6, 6), 256: (7, 8)}[chw[1]]
+    errors = layer_errors(backend, model, case.x, case.expected)
     assert set(errors) == {layer.name for layer in spec.layers} | {"logits"}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE, f"{backend.NAME}: {worst} off by {errors[worst]:.2e}: {errors}"
