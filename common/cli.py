@@ -20,6 +20,7 @@ from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_spec_args, add_speed_up_ar
 from .report import format_table, human_bytes
 from .spec import SpecError, get_spec
 from .weights import WeightsError
+from . import zoo
 
 # ---------------------------------------------------------------- summary
 def cmd_summary(args) -> int:
@@ -172,9 +173,16 @@ def _format_of(path: Path) -> str:
 
 def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    src_format, dst_format = _format_of(src), _format_of(dst)
-    spec = spec_from(args)
-    if src_format == "npz":
+    src_zoo = zoo.open_zoo_file(src)  # a torchvision or Gluon model-zoo file, recognised by its keys
+    dst_zoo = zoo.WRITE_FORMATS[args.zoo] if args.zoo else None
+    src_format = src_zoo.format.name if src_zoo else _format_of(src)
+    dst_format = dst_zoo.name if dst_zoo else _format_of(dst)
+    # zoo files hold the torchvision variant: it is the default when one is involved
+    variant = args.variant or ("torchvision" if src_zoo or dst_zoo else "book")
+    spec = spec_from(argparse.Namespace(**{**vars(args), "variant": variant}))
+    if src_zoo:
+        weights = zoo.to_canonical(src_zoo, spec)
+    elif src_format == "npz":
         from .weights import load_weights_file
 
         weights = load_weights_file(src, spec)
@@ -185,7 +193,9 @@ def cmd_convert(args) -> int:
         model = backend.build(spec, device="cpu")
         backend.load_native(model, src)
         weights = backend.export_weights(model)
-    if dst_format == "npz":
+    if dst_zoo:
+        zoo.write_zoo(dst, weights, dst_zoo, spec)
+    elif dst_format == "npz":
         from .weights import save_weights
 
         save_weights(dst, weights)
@@ -245,11 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params")
-    p.add_argument("dst", help="output file, format by its suffix")
+    p = sub.add_parser("convert", help="convert weights between .npz, PyTorch/Keras/Gluon checkpoints and the "
+                                       "torchvision / Gluon model-zoo AlexNet files")
+    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params; a torchvision or Gluon "
+                               "model-zoo AlexNet file is recognised by its keys")
+    p.add_argument("dst", help="output file, format by its suffix (or --zoo)")
+    p.add_argument("--zoo", choices=list(zoo.WRITE_FORMATS),
+                   help="write DST with the model zoo's own keys, for torchvision.models.alexnet (.pth) or "
+                        "gluon.model_zoo.vision.alexnet (.params)")
     add_spec_args(p)
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, variant=None)  # None: torchvision for zoo files, else book
     return parser
 
 
