@@ -208,6 +208,20 @@ def cmd_convert(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- fetch-weights
+def cmd_fetch_weights(args) -> int:
+    source = zoo.PUBLISHED[args.source]
+    path = zoo.fetch_weights(source, args.cache_dir, url=args.url, progress=not args.no_progress)
+    print(f"{source.name} weights: {path} ({source.algorithm.upper()} starts with {source.hash_prefix}, as its name says)")
+    if args.npz:
+        from .weights import save_weights
+
+        spec = get_spec("torchvision")
+        save_weights(args.npz, zoo.read_zoo(path, spec)[1])
+        print(f"canonical weights for --variant torchvision: {args.npz}")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
@@ -265,6 +279,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "gluon.model_zoo.vision.alexnet (.params)")
     add_spec_args(p)
     p.set_defaults(func=cmd_convert, variant=None)  # None: torchvision for zoo files, else book
+
+    p = sub.add_parser("fetch-weights", help="download the published ImageNet weights of torchvision's or Gluon's "
+                                             "AlexNet (cached, checked against the hash in the file's name)")
+    p.add_argument("source", choices=list(zoo.PUBLISHED))
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"default {zoo.default_weights_dir()}")
+    p.add_argument("--url", help="download from this address instead (a mirror); the hash must still match")
+    p.add_argument("--npz", type=Path, metavar="OUT", help="also write canonical .npz weights (--variant torchvision)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fetch_weights)
     return parser
 
 

@@ -22,7 +22,9 @@ inside the functions that need them.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -266,3 +268,154 @@ def write_zoo(path: str | os.PathLike, weights: Mapping[str, np.ndarray], fmt: Z
         with atomic_path(path) as tmp:
             mx.nd.save(str(tmp), arrays)
     return path
+
+
+# ---------------------------------------------------------------------- published weights
+#
+# A small fetch of its own (urllib + common.io) rather than common.data's: that one is tied to
+# Fashion-MNIST's file records (gzip, SHA-256 of the decompressed content) and is being
+# restructured into a package; this needs one file, a zip member for Gluon, and a hash prefix.
+
+_DOWNLOAD_CHUNK = 1 << 20
+_MAX_MEMBER_BYTES = 2 << 30  # a zip member beyond 2 GiB is no AlexNet (and may be a zip bomb)
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published AlexNet weights file: where it is, what it is called in the cache, and how
+    its name vouches for its content (``-<hex>.``: the start of the file's digest)."""
+
+    name: str
+    format: ZooFormat
+    url: str
+    file_name: str
+    algorithm: str  # a hashlib name
+    member: str | None = None  # the file inside a zip download
+
+    @property
+    def hash_prefix(self) -> str:
+        match = re.search(r"-([0-9a-f]{8,})\.", self.file_name)
+        if match is None:
+            raise ValueError(f"{self.file_name}: no '-<hex digest prefix>.' in the name")
+        return match[1]
+
+
+PUBLISHED = {
+    # torchvision's AlexNet_Weights.IMAGENET1K_V1 (acc@1 56.5); torch.hub checks the SHA-256 prefix in the name
+    "torchvision": Published("torchvision", TORCHVISION, "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+                             "alexnet-owt-7be5be79.pth", "sha256"),
+    # mxnet/gluon/model_zoo/model_store.py: {repo}gluon/models/{name}-{short SHA-1}.zip holding the .params
+    "gluon": Published("gluon", GLUON,
+                       "https://apache-mxnet.s3-accelerate.dualstack.amazonaws.com/gluon/models/alexnet-44335d1f.zip",
+                       "alexnet-44335d1f.params", "sha1", member="alexnet-44335d1f.params"),
+}
+
+
+def default_weights_dir() -> Path:
+    """``$XDG_CACHE_HOME/alexnet/weights``, or ``~/.cache/alexnet/weights``."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "alexnet" / "weights"
+
+
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_DOWNLOAD_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _download(url: str, out, *, timeout: float, progress: bool, desc: str) -> None:
+    """The body at ``url`` into the binary file ``out``, all of it (a short body is an error)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    from tqdm import tqdm
+
+    try:
+        response = urllib.request.urlopen(url, timeout=timeout)
+    except urllib.error.HTTPError as error:
+        raise WeightsError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
+    except (OSError, http.client.HTTPException) as error:
+        reason = getattr(error, "reason", None) or error
+        raise WeightsError(f"could not download {url}: {reason}") from None
+    with response:
+        length = response.headers.get("Content-Length")
+        total = int(length) if length and length.isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(_DOWNLOAD_CHUNK)
+                except (OSError, http.client.HTTPException) as error:
+                    raise WeightsError(f"could not download {url}: {error or type(error).__name__} "
+                                       f"after {received} bytes") from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received != total:
+        raise WeightsError(f"could not download {url}: the connection closed after {received} of {total} bytes")
+
+
+def _extract(archive, member: str, target: Path, url: str) -> None:
+    """Copy ``member`` of the zip ``archive`` (an open file) to ``target``; nothing else is unpacked."""
+    import shutil
+
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            try:
+                info = bundle.getinfo(member)
+            except KeyError:
+                raise WeightsError(f"{url}: the archive holds no {member} "
+                                   f"(it holds {', '.join(bundle.namelist()[:5]) or 'nothing'})") from None
+            if info.file_size > _MAX_MEMBER_BYTES:
+                raise WeightsError(f"{url}: {member} would unpack to {info.file_size:,} bytes; refused")
+            with bundle.open(info) as source, open(target, "wb") as out:
+                shutil.copyfileobj(source, out, _DOWNLOAD_CHUNK)
+    except zipfile.BadZipFile as error:
+        raise WeightsError(f"{url}: not a zip archive ({error})") from None
+
+
+def fetch_weights(source: Published | str, cache_dir: str | os.PathLike | None = None, *, url: str | None = None,
+                  timeout: float = 60, progress: bool = True) -> Path:
+    """The published file for ``source`` ("torchvision" or "gluon") in ``cache_dir``, downloaded once.
+
+    The file gets its final name only after its digest is checked against the prefix in that
+    name (SHA-256 for torchvision's, SHA-1 for Gluon's); a cached file is checked the same way
+    and fetched again if it fails. ``url`` replaces the published address (a mirror); the name
+    and the hash stay the source's.
+    """
+    from .io import check_writable, remove_stale_temporaries
+
+    if isinstance(source, str):
+        try:
+            source = PUBLISHED[source]
+        except KeyError:
+            raise WeightsError(f"no published weights called {source!r}; choose from {', '.join(PUBLISHED)}") from None
+    folder = check_writable(Path(cache_dir) if cache_dir is not None else default_weights_dir(),
+                            what="weights cache folder")
+    remove_stale_temporaries(folder)
+    target, prefix = folder / source.file_name, source.hash_prefix
+    if target.is_file() and file_digest(target, source.algorithm).startswith(prefix):
+        return target
+    address = url or source.url
+    with atomic_path(target) as tmp:
+        if source.member is None:
+            with open(tmp, "wb") as out:
+                _download(address, out, timeout=timeout, progress=progress, desc=source.file_name)
+        else:
+            import tempfile
+
+            with tempfile.TemporaryFile(dir=folder) as archive:  # unnamed: gone however this ends
+                _download(address, archive, timeout=timeout, progress=progress, desc=source.file_name)
+                archive.seek(0)
+                _extract(archive, source.member, tmp, address)
+        digest = file_digest(tmp, source.algorithm)
+        if not digest.startswith(prefix):
+            raise WeightsError(f"{address}: {source.algorithm.upper()} {digest} does not start with {prefix}, "
+                               f"the hash in the name {source.file_name}; refused, nothing was saved")
+    return target

@@ -290,3 +290,18 @@ def test_real_torchvision_loads_what_we_write(peers, converted, tmp_path, capsys
     model = alexnet().eval()
     model.load_state_dict(torch.load(tmp_path / "tv.pth", weights_only=True), strict=True)
     assert np.array_equal(_torch_logits(model, peers["x224"]), peers["torch224"])
+
+
+def test_fetch_weights_npz_converts_the_cached_file(peers, converted, tmp_path, monkeypatch, capsys):
+    """A cached file whose hash matches its name is used as is (the URL is never asked) and --npz
+    gives the canonical weights `alexnet convert` gives."""
+    from dataclasses import replace
+
+    name = f"alexnet-owt-{zoo.file_digest(peers['pth'], 'sha256')[:8]}.pth"
+    (tmp_path / "cache").mkdir()
+    os.link(peers["pth"], tmp_path / "cache" / name)
+    monkeypatch.setitem(zoo.PUBLISHED, "torchvision", replace(zoo.PUBLISHED["torchvision"], file_name=name))
+    assert main(["fetch-weights", "torchvision", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+                 "--url", "http://127.0.0.1:9/unreachable", "--npz", str(tmp_path / "w.npz")]) == 0
+    got, want = read_npz(tmp_path / "w.npz"), read_npz(converted["pth"])
+    assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
