@@ -222,6 +222,58 @@ def cmd_fetch_weights(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- predict
+def _prediction_weights(args):
+    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz.
+
+    Without --variant, a zoo file is the torchvision variant and an .npz is the variant whose
+    layer shapes it has (the classifier's width read from fc8)."""
+    from .spec import VARIANTS
+    from .weights import check_weights, expected_shapes, read_npz
+
+    if args.pretrained:
+        path = zoo.fetch_weights(args.pretrained, progress=not args.no_progress)
+    else:
+        path = args.weights
+    zoo_file = zoo.open_zoo_file(path)
+    if zoo_file is not None:
+        spec = spec_from(argparse.Namespace(**{**vars(args), "variant": args.variant or "torchvision"}))
+        return spec, zoo.to_canonical(zoo_file, spec), f"{path} ({zoo_file.format.name})"
+    weights = {name: value for name, value in read_npz(path).items() if "/" not in name}  # no optimizer state
+    if args.variant:
+        spec = spec_from(args)
+    else:
+        found = {name: value.shape for name, value in weights.items()}
+        classes = found["fc8.bias"][0] if "fc8.bias" in found else None
+        fitting = [name for name, factory in VARIANTS.items()
+                   if classes and expected_shapes(factory().with_num_classes(classes)) == found]
+        if not fitting:
+            raise WeightsError(f"{path}: these weights fit no variant at its own input size "
+                               f"({', '.join(VARIANTS)}); say which with --variant and --input")
+        spec = get_spec(fitting[0]).with_num_classes(classes)
+    check_weights(spec, weights, source=str(path))
+    return spec, weights, str(path)
+
+
+def cmd_predict(args) -> int:
+    from . import images
+    from .parity import to_backend_layout
+
+    spec, weights, source = _prediction_weights(args)
+    inputs = np.stack([images.model_input(spec, path) for path in args.images])  # every image read first
+    backend = load_backend(args.backend)
+    model = backend.build(spec, weights=weights, device=args.device)
+    logits = np.concatenate([backend.forward(model, to_backend_layout(inputs[i:i + args.batch], backend.LAYOUT))
+                             for i in range(0, len(inputs), args.batch)])
+    names = images.class_names(spec)
+    print(f"{backend.FRAMEWORK}, {spec.name} variant, weights {source}")
+    for path, best in zip(args.images, images.top_k(logits, args.top)):
+        print(f"{path}:")
+        for rank, (index, probability) in enumerate(best, 1):
+            print(f"  {rank}. {probability:8.4%}  {names[index]} ({index})")
+    return 0
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
@@ -288,6 +340,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", type=Path, metavar="OUT", help="also write canonical .npz weights (--variant torchvision)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("predict", help="top-5 classes of image files, with names and probabilities")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", type=Path, help="canonical .npz, or a torchvision (.pth) / Gluon (.params) "
+                                                    "model-zoo file")
+    which.add_argument("--pretrained", choices=list(zoo.PUBLISHED),
+                       help="the published ImageNet weights (fetched once into the cache, see fetch-weights)")
+    add_spec_args(p)
+    p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes shown per image (default 5)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict, variant=None)  # None: from the weights
     return parser
 
 

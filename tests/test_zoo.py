@@ -305,3 +305,40 @@ def test_fetch_weights_npz_converts_the_cached_file(peers, converted, tmp_path, 
                  "--url", "http://127.0.0.1:9/unreachable", "--npz", str(tmp_path / "w.npz")]) == 0
     got, want = read_npz(tmp_path / "w.npz"), read_npz(converted["pth"])
     assert list(got) == list(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_predict_gives_the_same_top5_in_every_backend_and_the_peers(peers, converted, tmp_path, monkeypatch,
+                                                                    capsys):
+    """One photo-sized image; pt takes --pretrained torchvision (here: the peer's file, already in the
+    cache), tf the .npz, mx the Gluon file: the same five classes, probabilities within 1e-4 of each
+    other and of torchvision's model on torchvision's preprocessing (common.images reproduces it;
+    checked by hand in test_images.py)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from common import images
+
+    cached = f"alexnet-owt-{zoo.file_digest(peers['pth'], 'sha256')[:8]}.pth"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    zoo.default_weights_dir().mkdir(parents=True)
+    os.link(peers["pth"], zoo.default_weights_dir() / cached)
+    monkeypatch.setitem(zoo.PUBLISHED, "torchvision", replace(zoo.PUBLISHED["torchvision"], file_name=cached,
+                                                              url="http://127.0.0.1:9/unreachable"))
+
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (300, 400, 3), np.uint8), "RGB").save(path)
+    x = images.imagenet_input(path)[None]
+    want = images.top_k(_torch_logits(peers["model"], x), 5)[0]
+    weights = {"pt": ["--pretrained", "torchvision"], "tf": ["--weights", str(converted["pth"])],
+               "mx": ["--weights", str(peers["params"])]}
+    for name, source in weights.items():
+        assert main(["predict", "--backend", name, *source, "--no-progress", str(path)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[1] == f"{path}:"
+        got = [(int(line.rsplit("(", 1)[1].rstrip(")")), float(line.split("%")[0].split(".", 1)[1]) / 100)
+               for line in lines[2:7]]
+        assert [i for i, _ in got] == [i for i, _ in want], (name, got, want)
+        assert max(abs(p - q) for (_, p), (_, q) in zip(got, want)) < 1e-4  # printed to 4 decimals of a percent
+        names = images.imagenet_class_names()
+        assert all(f"  {names[i]} ({i})" in line for (i, _), line in zip(want, lines[2:7]))
