@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import shapes
+from . import shapes, zoo
 from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, apply_math_environment,
                       capabilities, exporting_backends, load_backend, training_backends)
 from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_math_arg, add_precision_arg, add_spec_args, add_speed_up_args,
@@ -191,9 +191,16 @@ def _format_of(path: Path) -> str:
 
 def cmd_convert(args) -> int:
     src, dst = Path(args.src), Path(args.dst)
-    src_format, dst_format = _format_of(src), _format_of(dst)
-    spec = spec_from(args)
-    if src_format == "npz":
+    src_zoo = zoo.open_zoo_file(src)  # a torchvision or Gluon model-zoo file, recognised by its keys
+    dst_zoo = zoo.WRITE_FORMATS[args.zoo] if args.zoo else None
+    src_format = src_zoo.format.name if src_zoo else _format_of(src)
+    dst_format = dst_zoo.name if dst_zoo else _format_of(dst)
+    # zoo files hold the torchvision variant: it is the default when one is involved
+    variant = args.variant or ("torchvision" if src_zoo or dst_zoo else "book")
+    spec = spec_from(argparse.Namespace(**{**vars(args), "variant": variant}))
+    if src_zoo:
+        weights = zoo.to_canonical(src_zoo, spec)
+    elif src_format == "npz":
         from .weights import load_weights_file
 
         weights = load_weights_file(src, spec)
@@ -204,7 +211,9 @@ def cmd_convert(args) -> int:
         model = backend.build(spec, device="cpu")
         backend.load_native(model, src)
         weights = backend.export_weights(model)
-    if dst_format == "npz":
+    if dst_zoo:
+        zoo.write_zoo(dst, weights, dst_zoo, spec)
+    elif dst_format == "npz":
         from .weights import save_weights
 
         save_weights(dst, weights)
@@ -238,6 +247,69 @@ def cmd_export(args) -> int:
           f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
     for path in paths:
         print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+# ---------------------------------------------------------------- fetch-weights
+def cmd_fetch_weights(args) -> int:
+    source = zoo.PUBLISHED[args.source]
+    path = zoo.fetch_weights(source, args.cache_dir, url=args.url, progress=not args.no_progress)
+    print(f"{source.name} weights: {path} ({source.algorithm.upper()} starts with {source.hash_prefix}, as its name says)")
+    if args.npz:
+        from .weights import save_weights
+
+        spec = get_spec("torchvision")
+        save_weights(args.npz, zoo.read_zoo(path, spec)[1])
+        print(f"canonical weights for --variant torchvision: {args.npz}")
+    return 0
+
+
+# ---------------------------------------------------------------- predict
+def _prediction_weights(args):
+    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz.
+
+    Without --variant, a zoo file is the torchvision variant and an .npz is the variant whose
+    layer shapes it has (the classifier's width read from fc8)."""
+    from .spec import VARIANTS
+    from .weights import check_weights, expected_shapes, read_npz
+
+    if args.pretrained:
+        path = zoo.fetch_weights(args.pretrained, progress=not args.no_progress)
+    else:
+        path = args.weights
+    zoo_file = zoo.open_zoo_file(path)
+    if zoo_file is not None:
+        spec = spec_from(argparse.Namespace(**{**vars(args), "variant": args.variant or "torchvision"}))
+        return spec, zoo.to_canonical(zoo_file, spec), f"{path} ({zoo_file.format.name})"
+    weights = {name: value for name, value in read_npz(path).items() if "/" not in name}  # no optimizer state
+    if args.variant:
+        spec = spec_from(args)
+    else:
+        found = {name: value.shape for name, value in weights.items()}
+        classes = found["fc8.bias"][0] if "fc8.bias" in found else None
+        fitting = [name for name, factory in VARIANTS.items()
+                   if classes and expected_shapes(factory().with_num_classes(classes)) == found]
+        if not fitting:
+            raise WeightsError(f"{path}: these weights fit no variant at its own input size "
+                               f"({', '.join(VARIANTS)}); say which with --variant and --input")
+        spec = get_spec(fitting[0]).with_num_classes(classes)
+    check_weights(spec, weights, source=str(path))
+    return spec, weights, str(path)
+
+
+def cmd_predict(args) -> int:
+    from . import images
+    from .parity import to_backend_layout
+
+    spec, weights, source = _prediction_weights(args)
+    inputs = np.stack([images.model_input(spec, path) for path in args.images])  # every image read first
+    backend = load_backend(args.backend)
+    model = backend.build(spec, weights=weights, device=args.device)
+    logits = np.concatenate([backend.forward(model, to_backend_layout(inputs[i:i + args.batch], backend.LAYOUT))
+                             for i in range(0, len(inputs), args.batch)])
+    names = images.class_names(spec)
+    print(f"{backend.FRAMEWORK}, {spec.name} variant, weights {source}")
+    for path, best in zip(args.images, images.top_k(logits, args.top)):
+        print(f"{path}:")
+        for rank, (index, probability) in enumerate(best, 1):
+            print(f"  {rank}. {probability:8.4%}  {names[index]} ({index})")
     return 0
 
 
@@ -306,6 +378,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_spec_args(p)
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("convert", help="convert weights between .npz, PyTorch/Keras/Gluon checkpoints and the "
+                                       "torchvision / Gluon model-zoo AlexNet files")
+    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params; a torchvision or Gluon "
+                               "model-zoo AlexNet file is recognised by its keys")
+    p.add_argument("dst", help="output file, format by its suffix (or --zoo)")
+    p.add_argument("--zoo", choices=list(zoo.WRITE_FORMATS),
+                   help="write DST with the model zoo's own keys, for torchvision.models.alexnet (.pth) or "
+                        "gluon.model_zoo.vision.alexnet (.params)")
+    add_spec_args(p)
+    p.set_defaults(func=cmd_convert, variant=None)  # None: torchvision for zoo files, else book
+
+    p = sub.add_parser("fetch-weights", help="download the published ImageNet weights of torchvision's or Gluon's "
+                                             "AlexNet (cached, checked against the hash in the file's name)")
+    p.add_argument("source", choices=list(zoo.PUBLISHED))
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"default {zoo.default_weights_dir()}")
+    p.add_argument("--url", help="download from this address instead (a mirror); the hash must still match")
+    p.add_argument("--npz", type=Path, metavar="OUT", help="also write canonical .npz weights (--variant torchvision)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("predict", help="top-5 classes of image files, with names and probabilities")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", type=Path, help="canonical .npz, or a torchvision (.pth) / Gluon (.params) "
+                                                    "model-zoo file")
+    which.add_argument("--pretrained", choices=list(zoo.PUBLISHED),
+                       help="the published ImageNet weights (fetched once into the cache, see fetch-weights)")
+    add_spec_args(p)
+    p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes shown per image (default 5)")
+    p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict, variant=None)  # None: from the weights
     return parser
 
 

@@ -15,7 +15,7 @@ from . import reference
 from .backend import load_backend
 from .report import format_table
 from .shapes import smallest_input
-from .spec import Flatten, MaxPool2d, ModelSpec, ReLU
+from .spec import Dense, Flatten, MaxPool2d, ModelSpec, ReLU
 from .weights import init_weights, nhwc_flatten_permutation
 
 SGD_LR = 0.01
@@ -82,11 +82,24 @@ def to_backend_layout(x_nchw: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(reference.nchw_to_nhwc(x_nchw)) if layout == "NHWC" else x_nchw
 
 
+def _flatten_ordered(spec: ModelSpec) -> set[str]:
+    """Layers whose output is the flattened image itself: Flatten and what follows it up to the
+    first Dense (torchvision's dropout sits there). In NHWC these are (H, W, C) ordered."""
+    names, inside = set(), False
+    for layer in spec.layers:
+        if isinstance(layer, Dense) and inside:
+            break
+        inside = inside or isinstance(layer, Flatten)
+        if inside:
+            names.add(layer.name)
+    return names
+
+
 def to_nchw_activation(spec: ModelSpec, name: str, value: np.ndarray, layout: str) -> np.ndarray:
-    """A backend's activation in the reference's layout; an NHWC Flatten output is (H, W, C) ordered."""
+    """A backend's activation in the reference's layout; an NHWC flattened image is (H, W, C) ordered."""
     if layout != "NHWC":
         return value
-    if isinstance(spec.layer(name), Flatten):
+    if name in _flatten_ordered(spec):
         return value[:, np.argsort(nhwc_flatten_permutation(spec))]
     return reference.nhwc_to_nchw(value)
 

@@ -255,7 +255,41 @@ def paper_alexnet(num_classes: int = 1000, dropout: float = 0.5) -> ModelSpec:
     return ModelSpec("paper", 3, 227, tuple(layers))
 
 
-VARIANTS = {"book": book_alexnet, "paper": paper_alexnet}
+def torchvision_alexnet(num_classes: int = 1000, dropout: float = 0.5) -> ModelSpec:
+    """``torchvision.models.alexnet``, the model-zoo AlexNet (Krizhevsky's "one weird trick", 2014).
+
+    64-192-384-256-256 channels, no LRN or groups, an adaptive average pool to 6x6 (so any
+    input from 63x63 up gives fc6 9,216 inputs), and dropout *before* fc6 and fc7. Layer for
+    layer torchvision's ``features``/``avgpool``/``classifier``; 61,100,840 parameters.
+    """
+    layers: list[Layer] = [
+        Conv2d("conv1", 64, 11, stride=4, padding=2),
+        ReLU("relu1"),
+        MaxPool2d("pool1", 3, 2),
+        Conv2d("conv2", 192, 5, padding=2),
+        ReLU("relu2"),
+        MaxPool2d("pool2", 3, 2),
+        Conv2d("conv3", 384, 3, padding=1),
+        ReLU("relu3"),
+        Conv2d("conv4", 256, 3, padding=1),
+        ReLU("relu4"),
+        Conv2d("conv5", 256, 3, padding=1),
+        ReLU("relu5"),
+        MaxPool2d("pool5", 3, 2),
+        AdaptiveAvgPool2d("avgpool", 6),
+        Flatten("flatten"),
+        Dropout("drop6", dropout),
+        Dense("fc6", 4096),
+        ReLU("relu6"),
+        Dropout("drop7", dropout),
+        Dense("fc7", 4096),
+        ReLU("relu7"),
+        Dense("fc8", num_classes),
+    ]
+    return ModelSpec("torchvision", 3, 224, tuple(layers))
+
+
+VARIANTS = {"book": book_alexnet, "paper": paper_alexnet, "torchvision": torchvision_alexnet}
 
 
 def get_spec(name: str = "book", **kwargs) -> ModelSpec:

@@ -17,7 +17,8 @@ OPTIONAL_BACKEND_FILES = {"_layers.py"}  # only where the framework lacks a laye
 # The library part: what a user's own script builds on. It never imports the application part
 # (the CLI, bench, plots, the training loop's files and reports), so it stays small and importable alone.
 LIBRARY = {"common", "common.spec", "common.shapes", "common.weights", "common.reference", "common.parity",
-           "common.backend", "common.io", "common.report", "common.data", "common.machine"}
+           "common.backend", "common.io", "common.report", "common.data", "common.machine", "common.zoo",
+           "common.images"}
 APPLICATION = {"common.train", "common.plots", "common.cli", "common.cli_args", "common.bench",
                "common.bench_worker", "common.__main__"}
 

@@ -8,10 +8,10 @@ tie: at such a decision two correct float32 programs may legitimately differ.
 import numpy as np
 import pytest
 
-from common import reference
+from common import reference, shapes
 from common.backend import training_backends
 from common.parity import layer_errors, make_case, sgd_update, to_backend_layout
-from common.spec import book_alexnet, paper_alexnet
+from common.spec import book_alexnet, get_spec, paper_alexnet
 from common.weights import init_weights, nhwc_flatten_permutation
 
 TOLERANCE = 1e-4
@@ -26,6 +26,36 @@ def test_every_layer_matches_the_float64_reference(backend, seed, spec):
     weights, x, expected = case.weights, case.x, case.expected
     model = backend.build(spec, weights=weights, device="cpu")
     errors = layer_errors(backend, model, x, expected)
+    assert set(errors) == {layer.name for layer in spec.layers} | {"logits"}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOLERANCE, f"{backend.NAME}: {worst} off by {errors[worst]:.2e}: {errors}"
+
+
+@pytest.fixture(scope="module")
+def torchvision_cases():
+    """The model-zoo AlexNet at 224 and at 256x300 (pool5 7x8: the adaptive pool's bins overlap on both
+    axes), batch 1: the float64 reference runs once per size, not once per backend."""
+    import os
+
+    seed = int(os.environ.get("ALEXNET_TEST_SEED", np.random.default_rng().integers(0, 2**31 - 1)))
+    print(f"\ntorchvision parity seed {seed} (replay with ALEXNET_TEST_SEED={seed})")
+    return {chw: make_case(get_spec("torchvision").with_input(*chw), seed, batch=1)
+            for chw in [(3, 224, 224), (3, 256, 300)]}
+
+
+@pytest.mark.parametrize("chw", [(3, 224, 224), (3, 256, 300)], ids=["224", "256x300"])
+def test_torchvision_variant_matches_the_float64_reference(backend, torchvision_cases, chw):
+    """Every layer's numbers, and (on the same 61M-parameter model, built once) its shape table:
+    61,100,840 parameters, and at 256x300 a 7x8 pool5 pooled to 6x6, fc6 still taking 9,216."""
+    spec, case = get_spec("torchvision").with_input(*chw), torchvision_cases[chw]
+    model = backend.build(spec, weights=case.weights, device="cpu")
+    rows = backend.layer_summary(model, shapes.to_layout((1, *chw), backend.LAYOUT), print_table=False)
+    expected = shapes.infer(spec, layout=backend.LAYOUT)
+    assert [(r.name, r.shape, r.params) for r in rows] == [(e.name, e.shape, e.params) for e in expected]
+    assert sum(r.params for r in rows) == 61_100_840
+    pool5 = {r.name: r.shape for r in rows}["pool5"]
+    assert (pool5[2:] if backend.LAYOUT == "NCHW" else pool5[1:3]) == {224: (6, 6), 256: (7, 8)}[chw[1]]
+    errors = layer_errors(backend, model, case.x, case.expected)
     assert set(errors) == {layer.name for layer in spec.layers} | {"logits"}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCE, f"{backend.NAME}: {worst} off by {errors[worst]:.2e}: {errors}"

@@ -1,8 +1,9 @@
 import pytest
 
+from common import shapes
 from common.spec import (
-    Conv2d, Dense, Dropout, Flatten, LocalResponseNorm, MaxPool2d, ModelSpec, ReLU, SpecError,
-    book_alexnet, get_spec, paper_alexnet,
+    AdaptiveAvgPool2d, Conv2d, Dense, Dropout, Flatten, LocalResponseNorm, MaxPool2d, ModelSpec, ReLU, SpecError,
+    VARIANTS, book_alexnet, get_spec, paper_alexnet,
 )
 
 
@@ -28,6 +29,42 @@ def test_paper_variant_has_lrn_and_groups():
     assert [l.name for l in spec.layers if isinstance(l, LocalResponseNorm)] == ["norm1", "norm2"]
     assert {l.name: l.groups for l in spec.layers if isinstance(l, Conv2d)} == {
         "conv1": 1, "conv2": 2, "conv3": 1, "conv4": 2, "conv5": 2}
+
+
+def test_torchvision_variant_is_torchvisions_alexnet_layer_for_layer():
+    """torchvision.models.alexnet: features, avgpool, classifier in that order (dropout before fc6, fc7)."""
+    spec = VARIANTS["torchvision"]()
+    assert spec.name == "torchvision" and spec.input_shape == (3, 224, 224) and spec.num_classes == 1000
+    described = []
+    for layer in spec.layers:
+        if isinstance(layer, Conv2d):
+            described.append(("conv", layer.out_channels, layer.kernel_size[0], layer.stride[0], layer.padding[0],
+                              layer.groups))
+        elif isinstance(layer, MaxPool2d):
+            described.append(("maxpool", layer.kernel_size[0], layer.stride[0]))
+        elif isinstance(layer, AdaptiveAvgPool2d):
+            described.append(("avgpool", layer.output_size))
+        elif isinstance(layer, Dense):
+            described.append(("linear", layer.out_features))
+        elif isinstance(layer, Dropout):
+            described.append(("dropout", layer.rate))
+        else:
+            described.append((type(layer).__name__.lower(),))
+    assert described == [
+        ("conv", 64, 11, 4, 2, 1), ("relu",), ("maxpool", 3, 2),
+        ("conv", 192, 5, 1, 2, 1), ("relu",), ("maxpool", 3, 2),
+        ("conv", 384, 3, 1, 1, 1), ("relu",),
+        ("conv", 256, 3, 1, 1, 1), ("relu",),
+        ("conv", 256, 3, 1, 1, 1), ("relu",), ("maxpool", 3, 2),
+        ("avgpool", (6, 6)), ("flatten",),
+        ("dropout", 0.5), ("linear", 4096), ("relu",),
+        ("dropout", 0.5), ("linear", 4096), ("relu",),
+        ("linear", 1000),
+    ]
+    assert shapes.totals(shapes.infer(spec))["params"] == 61_100_840
+    # the adaptive pool makes fc6's fan-in independent of the input size
+    assert shapes.dense_in_features(spec.with_input(3, 256, 300))["fc6"] == 9216
+    assert shapes.smallest_input(spec) == (63, 63)
 
 
 def test_variants_and_modifiers():
