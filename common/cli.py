@@ -247,6 +247,9 @@ def cmd_export(args) -> int:
           f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
     for path in paths:
         print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+    return 0
+
+
 # ---------------------------------------------------------------- fetch-weights
 def cmd_fetch_weights(args) -> int:
     source = zoo.PUBLISHED[args.source]
@@ -360,12 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    p = sub.add_parser("convert", help="convert weights between .npz and PyTorch/Keras/Gluon checkpoints and .onnx")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5, .params or .onnx")
-    p.add_argument("dst", help="output file, format by its suffix")
-    add_spec_args(p)
-    p.set_defaults(func=cmd_convert)
-
     loaders = "; ".join(f"{suffix}: {loader}" for suffix, loader in ARTIFACT_LOADERS.items())
     p = sub.add_parser(
         "export", help="deployable artifacts (torch.export .pt2, ONNX) that run without this project",
@@ -378,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_spec_args(p)
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("convert", help="convert weights between .npz, PyTorch/Keras/Gluon checkpoints and the "
-                                       "torchvision / Gluon model-zoo AlexNet files")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5 or .params; a torchvision or Gluon "
+    p = sub.add_parser("convert", help="convert weights between .npz, PyTorch/Keras/Gluon checkpoints, .onnx and "
+                                       "the torchvision / Gluon model-zoo AlexNet files")
+    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5, .params or .onnx; a torchvision or Gluon "
                                "model-zoo AlexNet file is recognised by its keys")
     p.add_argument("dst", help="output file, format by its suffix (or --zoo)")
     p.add_argument("--zoo", choices=list(zoo.WRITE_FORMATS),

@@ -76,7 +76,7 @@ def test_convert_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "out.pt"), "--input", "1,65,65"]) == 2
     assert "fc8.weight: shape (5, 4096), expected (10, 4096)" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
-    assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "out.onnx")]) == 2
+    assert main(["convert", str(tmp_path / "bad.npz"), str(tmp_path / "out.tflite")]) == 2
     assert "unknown weights format" in capsys.readouterr().err
 
 
