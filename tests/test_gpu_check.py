@@ -42,6 +42,40 @@ def test_epoch_plan_fits_the_time_left():
     assert plan(10, first_wall_s=30, first_epoch_s=10, left_s=5) == 1  # never fewer than the epoch done
 
 
+@pytest.mark.parametrize("budget_s, epochs", [(400, 4), (10_000, 10)])
+def test_the_recipe_runs_the_epochs_that_fit_and_says_when_fewer(tmp_path, monkeypatch, budget_s, epochs):
+    """The training step's decisions, with the two `alexnet train` runs faked: epoch 1 takes
+    120 s in all, 100 s of them training (so 110 s an epoch with the test set, 10 s start-up)."""
+    module = gpu_check()
+    commands = []
+
+    def fake_train(label, command, log, *, deadline, interrupt=False, env=None):
+        commands.append(command)
+        run_dir = Path(command[command.index("--run-dir") + 1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        epochs_asked = int(command[command.index("--epochs") + 1])
+        rows = [{"epoch": e, "train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.5, "test_acc": 0.85,
+                 "images_per_s": 600.0, "seconds": 100.0} for e in range(1, epochs_asked + 1)]
+        (run_dir / "metrics.json").write_text(json.dumps(rows))
+        return module.Outcome(0, 120.0, False)
+
+    monkeypatch.setattr(module, "run_logged", fake_train)
+    monkeypatch.setattr(module, "has_flag", lambda subcommand, flag: False)
+    check = module.Check(module.GPU, tmp_path, tmp_path, tmp_path / "data", budget_s=budget_s)
+    check.summary["train"] = train = check.train()
+    check.finish()
+    assert train["epochs_planned"] == train["epochs_done"] == epochs
+    assert [c[c.index("--epochs") + 1] for c in commands] == ["1", str(epochs)] and commands[1][-1] == "--resume"
+    text = (tmp_path / "gpu-check.md").read_text()
+    if epochs < 10:  # (400 - 20 - 30 s left, less 10 s start-up) // 110 s = 3 more epochs
+        assert train["status"] == "partial" and not train["comparable_to_book"]
+        assert f"so {epochs} epoch(s) fit" in train["shortened"] and train["shortened"] in text
+        assert any("fewer epochs than the recipe's 10" in note for note in check.notes)
+    else:
+        assert train["status"] == "ok" and "shortened" not in train and "Shortened" not in text
+        assert train["comparable_to_book"] and not train["within_book_range"]  # 0.85 < the book's 0.86
+
+
 def test_without_a_gpu_the_check_skips_its_gpu_steps_and_says_so(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
