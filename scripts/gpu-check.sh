@@ -12,7 +12,7 @@
 #
 # The summary (gpu-check.json, gpu-check.md, the log, the training curves and an archive of the
 # run) goes to $OUT when it is set (the device tool brings that folder back), else to
-# runs/gpu-check-TIME/. Without a GPU the GPU steps are skipped with a message, exit 0.
+# runs/gpu-check-MODE-TIME/. Without a GPU the GPU steps are skipped with a message, exit 0.
 # The steps and their time budget are in scripts/gpu_check.py; this wrapper picks the Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -13,7 +13,7 @@ numpy, PyTorch and the standard library (no TensorFlow, MXNet, network or instal
 
 Everything the children print goes to the terminal and to ``gpu-check.log``; the summary is
 ``gpu-check.json`` and ``gpu-check.md`` in ``$OUT`` (the device tool's result folder) or, where
-``$OUT`` is unset, in ``runs/gpu-check-TIME/``. Where no GPU is visible the GPU steps are skipped
+``$OUT`` is unset, in ``runs/gpu-check-MODE-TIME/``. Where no GPU is visible the GPU steps are skipped
 with a message (exit 0); ``--cpu-smoke`` runs the same steps on CPU at tiny sizes, and
 ``--prepare`` (run on the CPU machine, before the device call) copies Fashion-MNIST and pytest's
 wheels into ``.gpu-carry/``, the one folder the device call carries.
