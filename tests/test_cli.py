@@ -142,7 +142,7 @@ def test_parity_command_fails_loudly_on_a_transposed_dense_kernel(all_backends, 
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "pt", "--off", "xla"], "speed-up 'xla' belongs to backend tf, not pt"),
-    (["--backend", "tf", "--on", "xla", "--off", "xla"], "--on and --off both name xla"),
+    (["--backend", "pt", "--on", "compile", "--off", "compile"], "--on and --off both name compile"),
     (["--backend", "mx", "--off", "turbo"], "argument --off: unknown speed-up(s) ['turbo']"),
 ])
 def test_train_speed_up_flags_are_checked_before_any_work(args, message, tmp_path):
