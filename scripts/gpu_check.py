@@ -184,10 +184,10 @@ try:
     info.update(torch=torch.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
     import alexnet_pt
-    available = alexnet_pt.gpu_available()  # a bool, or (bool, reason), or an object with .reason
-    ok = bool(available[0]) if isinstance(available, tuple) else bool(available)
+    status = alexnet_pt.gpu_status()  # proven by a convolution forward and backward on the GPU
+    ok = status.usable
     info["gpu_available"] = ok
-    info["gpu_reason"] = available[1] if isinstance(available, tuple) else getattr(available, "reason", None)
+    info["gpu_reason"] = None if ok else status.detail
     if ok:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
@@ -676,14 +676,14 @@ def download_wheels(dest: Path) -> None:
 
 # ---------------------------------------------------------------- main
 def bench_configs(text: str) -> tuple[tuple[str, str], ...]:
-    from common.bench import PRECISIONS
+    from common.backend import MATH_MODES, PRECISIONS
 
     configs = []
     for part in text.split(","):
         precision, _, math_mode = part.strip().partition(":")
-        if precision not in PRECISIONS or math_mode not in ("fp32", "tf32"):
+        if precision not in PRECISIONS or math_mode not in MATH_MODES:
             raise argparse.ArgumentTypeError(f"want PRECISION:MATH with PRECISION one of {', '.join(PRECISIONS)} "
-                                             f"and MATH fp32 or tf32, got {part!r}")
+                                             f"and MATH one of {', '.join(MATH_MODES)}, got {part!r}")
         configs.append((precision, math_mode))
     return tuple(configs)
 
