@@ -156,6 +156,9 @@ def decay_again(model, lr, weight_decay):
             param.mul_(1.0 - lr * weight_decay)
 
 
+# Measured in float64 over seeds 0-4: missing weight decay puts every parameter's change 6.5 to
+# 170 times its tolerance away; the decoupled second decay (which momentum does not
+# accumulate) 3.9 to 240 times (seeds 0-2).
 @pytest.mark.parametrize("overrides, after_step", [
     ({"weight_decay": 0.0}, None),
     ({}, decay_again),
@@ -165,8 +168,7 @@ def test_a_weight_decay_bug_fails_the_steps_only(oracle, monkeypatch, overrides,
     plant_in_trainer(monkeypatch, backend, after_step=after_step, **overrides)
     report = check(oracle, backend)
     assert not failed(report, "forward") and not failed(report, "gradients"), report.text
-    steps = failed(report, "steps")
-    assert {"conv2.bias", "fc6.bias", "fc7.weight"} <= set(steps), report.text
+    assert failed(report, "steps") == list(oracle.grads), report.text
 
 
 @pytest.mark.parametrize("name", ["pt", "tf", "mx"])
