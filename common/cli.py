@@ -156,11 +156,11 @@ def cmd_summary(args) -> int:
 def cmd_parity(args) -> int:
     from .parity import TOLERANCES, run_parity
 
-    if not 0 < args.tolerance_scale < float("inf"):
-        raise ValueError(f"--tolerance-scale must be a positive number, got {args.tolerance_scale}")
+    if not 0 < args.scale_tolerances < float("inf"):
+        raise ValueError(f"--scale-tolerances must be a positive number, got {args.scale_tolerances}")
     spec = _spec_from(args)
     report = run_parity(spec, args.backends, batch=args.batch, seed=args.seed, device=args.device,
-                        tolerances=TOLERANCES.scaled(args.tolerance_scale))
+                        tolerances=TOLERANCES.scaled(args.scale_tolerances))
     print(report.text)
     return 0 if report.passed else EXIT_MISMATCH
 
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seed", type=int, help="weights and input seed (default: random, printed for replay)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
-    p.add_argument("--tolerance-scale", type=float, default=1.0, metavar="F",
+    p.add_argument("--scale-tolerances", type=float, default=1.0, metavar="F",
                    help="multiply every check's tolerance by F (default 1: the CPU-measured ones in the table)")
     p.set_defaults(func=cmd_parity)
 
