@@ -256,6 +256,8 @@ def check_backend(backend, oracle: Oracle, *, device: str = "cpu") -> BackendRes
         del model
     except Exception as error:  # a backend bug must fail the check with its message, not end the run
         result.problems[("forward", "forward")] = _first_line(error)
+    if not backend.CAPABILITIES.trains:  # an inference-only backend (ONNX Runtime): forward only, "-" below
+        return result
 
     spec, (x0, labels0) = oracle.train_spec, oracle.batches[0]
     try:
@@ -393,6 +395,8 @@ def render(report: ParityReport) -> str:
                               + ["steps tol"], rows))
 
     def worst(result: BackendResult, check: str) -> str:
+        if not getattr(result, check):
+            return "-"  # not checked: an inference-only backend's training checks
         if check != "steps":
             return f"{result.worst(check):.2e}"
         ratios = {n: e / report.tolerance(check, n) for n, e in result.steps.items()}
