@@ -154,12 +154,17 @@ def storage_floor(start: np.ndarray, change: np.ndarray, steps: int) -> float:
     return float(steps * np.finfo(np.float32).eps / 2 * final / scale) if scale else np.inf
 
 
+def forward_case(spec: ModelSpec, seed: int, batch: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """(weights, NCHW input, float64 activations by layer name) of the forward check, from (spec, seed)."""
+    weights = parity_weights(spec, seed)
+    x, _ = draw_batch(spec, np.random.default_rng([seed, 1 << 21]), batch)
+    return weights, x, reference.forward(spec, weights, x)[1]
+
+
 def build_oracle(spec: ModelSpec, seed: int, *, batch: int = 2, steps: int = STEPS) -> Oracle:
     """The float64 answers for ``spec``: forward at its input size (batch ``batch``), training on
     its smallest input (batch TRAIN_BATCH, ``steps`` SGD steps, each batch screened for near-ties)."""
-    weights = parity_weights(spec, seed)
-    x, _ = draw_batch(spec, np.random.default_rng([seed, 1 << 21]), batch)
-    _, activations = reference.forward(spec, weights, x)
+    weights, x, activations = forward_case(spec, seed, batch)
 
     train_spec = spec.with_input(spec.in_channels, *smallest_input(spec)).with_dropout(0.0)
     train_weights = parity_weights(train_spec, seed)
@@ -239,6 +244,25 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
 
 
+def _record_forward(result: BackendResult, backend, model, x_nchw: np.ndarray, expected: dict) -> None:
+    """Every layer's output (and the logits) of ``model`` against the float64 ``expected``."""
+    spec, layout = backend.model_spec(model), backend.LAYOUT
+    logits, activations = backend.forward(model, to_backend_layout(x_nchw, layout), capture=True)
+    for layer in spec.layers:
+        value = activations.get(layer.name)
+        value = None if value is None else to_nchw_activation(spec, layer.name, value, layout)
+        result.compare("forward", layer.name, value, expected[layer.name])
+    result.compare("forward", "logits", logits, expected[spec.layers[-1].name])
+
+
+def layer_errors(backend, model, x_nchw: np.ndarray, expected: dict) -> dict[str, float]:
+    """Relative error of every layer (and the logits) of a built model against float64 activations
+    (``forward_case``): the forward check alone, for tests of one layer kind or one variant."""
+    result = BackendResult(backend.NAME)
+    _record_forward(result, backend, model, x_nchw, expected)
+    return result.forward
+
+
 def check_backend(backend, oracle: Oracle, *, device: str = "cpu") -> BackendResult:
     """Every check of one backend against ``oracle``. A stage that raises is recorded, not raised."""
     result = BackendResult(backend.NAME)
@@ -247,12 +271,7 @@ def check_backend(backend, oracle: Oracle, *, device: str = "cpu") -> BackendRes
     layout = backend.LAYOUT
     try:
         model = backend.build(oracle.spec, weights=oracle.weights, device=device)
-        logits, activations = backend.forward(model, to_backend_layout(oracle.x, layout), capture=True)
-        for layer in oracle.spec.layers:
-            value = activations.get(layer.name)
-            value = None if value is None else to_nchw_activation(oracle.spec, layer.name, value, layout)
-            result.compare("forward", layer.name, value, oracle.activations[layer.name])
-        result.compare("forward", "logits", logits, oracle.activations[oracle.spec.layers[-1].name])
+        _record_forward(result, backend, model, oracle.x, oracle.activations)
         del model
     except Exception as error:  # a backend bug must fail the check with its message, not end the run
         result.problems[("forward", "forward")] = _first_line(error)
@@ -419,4 +438,4 @@ def render(report: ParityReport) -> str:
 
 
 __all__ = ["BackendResult", "Failure", "Oracle", "ParityReport", "TOLERANCES", "Tolerances", "build_oracle",
-           "check_backend", "compare", "run_parity", "to_backend_layout"]
+           "check_backend", "compare", "forward_case", "layer_errors", "run_parity", "to_backend_layout"]

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from common import reference, shapes
-from common.parity import (TOLERANCES, build_oracle, compare, draw_batch, parity_weights, to_backend_layout,
-                           to_nchw_activation)
+from common.parity import TOLERANCES, build_oracle, compare, forward_case, layer_errors, to_backend_layout
 from common.spec import book_alexnet, get_spec, paper_alexnet
 from common.weights import expected_shapes, init_weights
 
@@ -107,13 +106,8 @@ def torchvision_cases():
     axes), batch 1: the float64 reference runs once per size, not once per backend."""
     seed = int(os.environ.get("ALEXNET_TEST_SEED", np.random.default_rng().integers(0, 2**31 - 1)))
     print(f"\ntorchvision parity seed {seed} (replay with ALEXNET_TEST_SEED={seed})")
-    cases = {}
-    for chw in [(3, 224, 224), (3, 256, 300)]:
-        spec = get_spec("torchvision").with_input(*chw)
-        weights = parity_weights(spec, seed)
-        x, _ = draw_batch(spec, np.random.default_rng([seed, 1 << 21]), 1)
-        cases[chw] = weights, x, reference.forward(spec, weights, x)[1]
-    return cases
+    return {chw: forward_case(get_spec("torchvision").with_input(*chw), seed, batch=1)
+            for chw in [(3, 224, 224), (3, 256, 300)]}
 
 
 @pytest.mark.parametrize("chw", [(3, 224, 224), (3, 256, 300)], ids=["224", "256x300"])
@@ -129,9 +123,7 @@ def test_torchvision_variant_matches_the_float64_reference(backend, torchvision_
     assert sum(r.params for r in rows) == 61_100_840
     pool5 = {r.name: r.shape for r in rows}["pool5"]
     assert (pool5[2:] if backend.LAYOUT == "NCHW" else pool5[1:3]) == {224: (6, 6), 256: (7, 8)}[chw[1]]
-    _, captured = backend.forward(model, to_backend_layout(x, backend.LAYOUT), capture=True)
-    errors = {layer.name: reference.relative_error(
-        to_nchw_activation(spec, layer.name, captured[layer.name], backend.LAYOUT), expected[layer.name])
-        for layer in spec.layers}
+    errors = layer_errors(backend, model, x, expected)
+    assert set(errors) == {layer.name for layer in spec.layers} | {"logits"}
     worst = max(errors, key=errors.get)
     assert errors[worst] <= TOLERANCES.forward, f"{backend.NAME}: {worst} off by {errors[worst]:.2e}: {errors}"
