@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from . import ROOT, shapes
-from .backend import BACKENDS, DEVICES, PRECISIONS, DeviceError, all_speed_ups, capabilities, speed_up_owner
+from .backend import (BACKENDS, DEVICES, PRECISIONS, DeviceError, all_speed_ups, capabilities, cpu_model,
+                      speed_up_owner)
 from .bench_worker import THREAD_COUNT_VARIABLES
 from .cli_args import (EXIT_ERROR, add_speed_up_args, backend_list, chosen_speed_ups, default_run_dir, int_list,
                        non_negative_int, positive_int)
@@ -284,15 +285,7 @@ def table(rows: list[dict]) -> str:
 
 
 def machine_environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(), "platform": platform.platform(),
             "python": platform.python_version()}
 
 
