@@ -154,7 +154,7 @@ def cmd_evaluate(args) -> int:
     loss, acc = evaluate(backend, model, data.test_images[:n], data.test_labels[:n], progress=not args.no_progress)
     print(f"{backend.FRAMEWORK}: test loss {loss:.4f}, test accuracy {acc:.4f} on {n:,} images ({args.weights})")
     if not np.isfinite(loss):
-        print(f"alexnet evaluate: error: the test loss of {args.weights} is {loss} (finite weights, but the "
+        print(f"alexnet evaluate: diverged: the test loss of {args.weights} is {loss} (finite weights whose "
               "logits overflow)", file=sys.stderr)
         return EXIT_DIVERGED
     return 0
