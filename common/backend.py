@@ -252,7 +252,7 @@ def checked_lr(value) -> float:
     number >= 0 (0 freezes the weights; NaN or infinity would ruin them at the next step)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
             or not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"lr must be >= 0 and finite, got {value!r}")
     return float(value)
 
 
