@@ -142,8 +142,8 @@ ARGUMENTS = [
     (["evaluate", "--weights", "w.npz", "--limit-test", "0"], "argument --limit-test: must be a positive integer"),
     (["compare", "--backends", "pt,jax"], "argument --backends: unknown backend(s) ['jax']"),
     (["compare", "--lr", "inf"], "argument --lr: must be a finite number, got 'inf'"),
-    (["parity", "--tolerance", "nan"], "argument --tolerance: must be a finite number, got 'nan'"),
-    (["parity", "--tolerance", "-1"], "argument --tolerance: must be a number > 0, got '-1'"),
+    (["parity", "--scale-tolerances", "nan"], "argument --scale-tolerances: must be a finite number, got 'nan'"),
+    (["parity", "--scale-tolerances", "-1"], "argument --scale-tolerances: must be a number > 0, got '-1'"),
     (["parity", "--seed", "-3"], "argument --seed: must be an integer >= 0, got '-3'"),
     (["summary", "--batch", "0"], "argument --batch: must be a positive integer, got '0'"),
     (["summary", "--input", "0,65,65"], "argument --input: --input (C,H,W) values must be positive, got '0,65,65'"),
@@ -428,7 +428,7 @@ def test_asking_for_a_gpu_without_one_is_refused(tmp_path, capsys, tiny):
     if get_backend("pt").gpu_available():
         pytest.skip("PyTorch sees a GPU here")
     refused(capsys, [*TRAIN, "--run-dir", tmp_path / "run", "--device", "gpu"], 2,
-            "--device gpu was asked for, but PyTorch sees no GPU", keep=[tmp_path])
+            "--device gpu was asked for, but PyTorch cannot compute on a GPU here", keep=[tmp_path])
 
 
 def test_evaluate_refuses_nan_weights_from_a_diverged_checkpoint(finished_run, tmp_path, capsys, no_data):
