@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.backend import ARTIFACT_INPUT
 from common.io import atomic_path
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
@@ -22,6 +23,7 @@ from common.spec import (
 )
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
 
+from . import CAPABILITIES
 from ._framework import context, mx, resolve_device
 
 gluon = mx.gluon
@@ -274,3 +276,46 @@ def load_native(model, path) -> None:
     ctx = model.ctx
     for name, param in expected.items():
         param.set_data(loaded[name].as_in_context(ctx))
+
+
+# ------------------------------------------------------------------ deployable artifacts
+
+SYMBOL_ENDING, PARAMS_ENDING = CAPABILITIES.exports  # "-symbol.json", "-0000.params": HybridBlock.export's names
+
+
+def inference_symbol(model, input_name: str = ARTIFACT_INPUT) -> "mx.sym.Symbol":
+    """The network as an MXNet symbol on an input variable named ``input_name``, with no Dropout
+    node at all: inference is the only mode it has, whatever ``autograd`` mode a consumer is in."""
+    model = _check_model(model)
+    x = mx.sym.var(input_name)
+    for _, block in model.layer_blocks:
+        if not isinstance(block, nn.Dropout):
+            x = block(x)
+    return x
+
+
+def export_artifacts(model, folder) -> list[Path]:
+    """The deployable artifacts: ``folder/alexnet-symbol.json`` (the graph) and
+    ``folder/alexnet-0000.params`` (its weights), the two files ``HybridBlock.export`` writes and
+    ``SymbolBlock.imports`` reads, for any batch size::
+
+        mx.gluon.SymbolBlock.imports("alexnet-symbol.json", ["input"], "alexnet-0000.params")
+
+    Written from ``inference_symbol`` rather than by ``HybridBlock.export``, which names the
+    input ``data`` and keeps the Dropout nodes (off only while autograd is not recording): here
+    the input is ``input``, as in every artifact of this project, and dropout is not in the
+    graph. Input float32 NCHW (batch, C, H, W) at the spec's size; one output, the logits.
+    Both files are written to temporaries first and renamed together at the end.
+    """
+    model = _check_model(model)
+    symbol = inference_symbol(model)
+    arguments = set(symbol.list_arguments()) - {ARTIFACT_INPUT}
+    params = {name: param for name, param in model.collect_params().items() if name in arguments}
+    if set(params) != arguments:  # pragma: no cover - every argument but the input is a parameter
+        raise RuntimeError(f"graph arguments without parameters: {sorted(arguments - set(params))}")
+    folder = Path(folder)
+    symbol_path, params_path = folder / ("alexnet" + SYMBOL_ENDING), folder / ("alexnet" + PARAMS_ENDING)
+    with atomic_path(params_path) as params_tmp, atomic_path(symbol_path) as symbol_tmp:
+        symbol.save(str(symbol_tmp))
+        mx.nd.save(str(params_tmp), {f"arg:{name}": param.data().copyto(mx.cpu()) for name, param in params.items()})
+    return [symbol_path, params_path]
