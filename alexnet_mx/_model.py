@@ -42,23 +42,30 @@ class _LocalResponseNorm(gluon.HybridBlock):
     """Across-channel LRN, PyTorch's definition: b = a / (k + alpha/n * sum over the window of a^2)^beta,
     the window running from c - n//2 to c + (n-1)//2 with zeros beyond the edges.
 
-    Written from primitives (square, a zero-padded average pool across channels, power), not with
-    MXNet's own ``LRN`` operator: on oneDNN (the pip wheel's CPU path), ``LRN``'s backward behind a
-    oneDNN convolution gives input gradients about 1e-4 off, which left conv1's and conv2's
-    gradients of the paper's network up to 6.4e-4 from the float64 oracle (found by the parity
-    suite; every layer alone, and the whole net with MXNET_MKLDNN_ENABLED=0, agree to ~4e-7)."""
+    Written from primitives (square, zero padding across channels, a sum of ``size`` shifted
+    slices, power), not with MXNet's own ``LRN`` operator: on oneDNN (the pip wheel's CPU path),
+    ``LRN``'s backward behind a oneDNN convolution gives input gradients about 1e-4 off, which left
+    conv1's and conv2's gradients of the paper's network up to 6.4e-4 from the float64 oracle
+    (found by the parity suite; every layer alone, and the whole net with MXNET_MKLDNN_ENABLED=0,
+    agree to ~4e-7). The window sum was first an average ``Pooling`` over the channels reshaped
+    into rows; behind the oneDNN convolution, in the whole hybridized graph at batch >= 2, oneDNN
+    then refused it ("could not create a descriptor for a pooling forward propagation
+    primitive"): the paper's network ran layer by layer (the parity suite's forward) and at batch
+    1 only, and its exported symbol failed at batch 2."""
 
     def __init__(self, layer: LocalResponseNorm, **kwargs):
         super().__init__(**kwargs)
         self._size, self._alpha, self._beta, self._k = layer.size, float(layer.alpha), float(layer.beta), float(layer.k)
 
     def hybrid_forward(self, F, x):
-        before, after = self._size // 2, (self._size - 1) // 2
-        squares = F.reshape(F.square(x), shape=(0, -4, 1, -1, -3))  # (N, 1, C, H*W): channels as rows
-        zeros = F.zeros_like(F.slice_axis(squares, axis=2, begin=0, end=1))
-        padded = F.concat(*([zeros] * before + [squares] + [zeros] * after), dim=2)
-        mean = F.Pooling(padded, kernel=(self._size, 1), stride=(1, 1), pool_type="avg")  # (N, 1, C, H*W)
-        scale = F.reshape_like(mean, x) * self._alpha + self._k  # alpha * mean = alpha/n * sum
+        before, after, last = self._size // 2, (self._size - 1) // 2, self._size - 1
+        squares = F.square(x)
+        zeros = F.zeros_like(F.slice_axis(squares, axis=1, begin=0, end=1))
+        padded = F.concat(*([zeros] * before + [squares] + [zeros] * after), dim=1)  # (N, C + size - 1, H, W)
+        # channel c's window is padded[c : c + size]: the sum of the size slices padded[j : j + C]
+        window_sum = F.add_n(*[F.slice_axis(padded, axis=1, begin=j, end=(j - last) or None)
+                               for j in range(self._size)])
+        scale = window_sum * (self._alpha / self._size) + self._k
         return x / (scale ** self._beta)
 
 
