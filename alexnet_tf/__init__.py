@@ -26,7 +26,7 @@ CAPABILITIES = Capabilities(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
                 "a GPU, off on CPU (slower there)", default_on=("gpu",)),
     ),
-    native_suffixes=(".weights.h5",),
+    native_suffixes=(".weights.h5",), exports=("_savedmodel",),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
@@ -35,12 +35,12 @@ from ._framework import (  # noqa: E402  (imports TensorFlow first: an ImportErr
     synchronize,
 )
 from ._model import (  # noqa: E402
-    build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
-    parameter_devices, save_native,
+    build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
+    param_counts, parameter_devices, save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT]
+__all__ = [*_CONTRACT, "export_artifacts"]

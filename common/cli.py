@@ -258,26 +258,47 @@ def cmd_convert(args) -> int:
 
 
 # ---------------------------------------------------------------- export
-# How a consumer runs each artifact with its framework alone (x: float32 NCHW numpy, any batch size).
+# How a consumer runs each artifact with its framework alone, by the ending of its name (the records'
+# ``exports``); x: float32 numpy in the backend's layout (NHWC for the SavedModel, else NCHW), any batch size.
 ARTIFACT_LOADERS = {
     ".pt2": "torch.export.load(path).module()(torch.from_numpy(x))",
     ".onnx": f"onnxruntime.InferenceSession(path).run(None, {{'{ARTIFACT_INPUT}': x}})[0]",
+    "_savedmodel": f"tf.saved_model.load(path).signatures['serving_default']({ARTIFACT_INPUT}=tf.constant(x))"
+                   f"['{ARTIFACT_OUTPUT}']",
+    "-symbol.json": f"mx.gluon.SymbolBlock.imports(path, ['{ARTIFACT_INPUT}'], params_path)(mx.nd.array(x)) "
+                    f"(MXNet 1.9.1 on numpy >= 1.24: numpy.bool = bool before import mxnet)",
+    "-0000.params": "params_path: the weights of the -symbol.json beside it",
 }
 
 
+def artifact_loader(path: Path) -> str:
+    """How a consumer runs ``path``, by the ending of its name."""
+    for ending, loader in ARTIFACT_LOADERS.items():
+        if path.name.endswith(ending):
+            return loader
+    raise KeyError(f"{path.name}: no loader known for this artifact")  # pragma: no cover - a test holds the records
+
+
+def _artifact_bytes(path: Path) -> int:
+    """A file's size, or a folder's (a SavedModel) over every file in it."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def cmd_export(args) -> int:
-    from .io import check_writable
+    from .io import check_writable, remove_stale_temporaries
 
     spec = spec_from(args)
     check_writable(args.out)
+    remove_stale_temporaries(args.out)  # what a killed export left behind (a SavedModel is ~100 MB)
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=args.weights, device="cpu")  # the weights are checked before any file
     paths = backend.export_artifacts(model, args.out)
-    c, h, w = spec.input_shape
+    layout = backend.LAYOUT
+    dims = ", ".join(shapes.to_layout(("batch", *(str(d) for d in spec.input_shape)), layout))
     print(f"AlexNet ({spec.name}) with {backend.FRAMEWORK} from {args.weights}: input '{ARTIFACT_INPUT}' float32 "
-          f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
+          f"({dims}) {layout}, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
     for path in paths:
-        print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+        print(f"  {path} ({human_bytes(_artifact_bytes(path))}): {artifact_loader(path)}")
     return 0
 
 
@@ -397,14 +418,19 @@ def build_parser() -> OneLineErrorParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    loaders = "; ".join(f"{suffix}: {loader}" for suffix, loader in ARTIFACT_LOADERS.items())
+    loaders = "\n".join(f"  alexnet{ending}: {loader}" for ending, loader in ARTIFACT_LOADERS.items())
     p = sub.add_parser(
-        "export", help="deployable artifacts (torch.export .pt2, ONNX) that run without this project",
-        description="Write the framework's own deployable files for canonical weights, each taking any batch "
-                    f"size, in inference mode; a consumer needs only the framework. Run them with {loaders}.")
+        "export", help="deployable artifacts (torch.export .pt2, ONNX, TensorFlow SavedModel, MXNet symbol "
+                       "and params) that run without this project",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # one line per artifact
+        description="Write the framework's own deployable files for canonical weights, each taking any batch\n"
+                    "size, in inference mode; a consumer needs only the framework. Input "
+                    f"'{ARTIFACT_INPUT}' float32 in the\nbackend's layout (NCHW: batch, C, H, W; NHWC: batch, "
+                    f"H, W, C), output '{ARTIFACT_OUTPUT}'. Run them with:\n{loaders}")
     p.add_argument("--backend", required=True, choices=exporting_backends(),
                    help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).exports)} "
-                                  f"({capabilities(n).framework})" for n in exporting_backends()))
+                                  f"({capabilities(n).framework}, input {capabilities(n).layout})"
+                                  for n in exporting_backends()))
     p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_spec_args(p)
