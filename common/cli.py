@@ -24,7 +24,7 @@ from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, O
                        positive_int, spec_from, summary_backends, training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
-from .spec import SpecError, get_spec
+from .spec import VARIANTS, SpecError, get_spec
 from .weights import WeightsError
 
 # ---------------------------------------------------------------- summary
@@ -156,11 +156,44 @@ def cmd_train(args) -> int:
     return _stopped_status(history)
 
 
+def _evaluate_image_folder(args) -> int:
+    """Top-1 and top-5 accuracy over a folder of class folders (``common.images.labelled_images``)."""
+    from . import images
+    from .parity import to_backend_layout
+    from .weights import check_finite
+
+    spec, weights, source = _prediction_weights(args)
+    check_finite(weights, source=source)
+    found, rule = images.labelled_images(args.images, spec)
+    backend = load_backend(args.backend)
+    model = backend.build(spec, weights=weights, device=args.device)
+    top1 = top5 = 0
+    for start in range(0, len(found), args.batch):
+        chunk = found[start:start + args.batch]
+        inputs = np.stack([images.model_input(spec, path) for path, _ in chunk])
+        logits = backend.forward(model, to_backend_layout(inputs, backend.LAYOUT))
+        for (_, label), best in zip(chunk, images.top_k(logits, 5)):
+            ranked = [index for index, _ in best]
+            top1 += ranked[0] == label
+            top5 += label in ranked
+    n = len(found)
+    print(f"{backend.FRAMEWORK}, {spec.name} variant, weights {source}: top-1 {top1 / n:.4f}, top-5 {top5 / n:.4f} "
+          f"on {n:,} images in {args.images} (classes by {rule})")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from .data import FashionMNIST
     from .train import evaluate
     from .weights import check_finite, load_weights_file
 
+    if args.images is not None:
+        return _evaluate_image_folder(args)
+    if args.pretrained:
+        raise ValueError("--pretrained weights are ImageNet's: evaluate them on a folder of images (--images DIR)")
+    if not capabilities(args.backend).trains:
+        raise ValueError(f"the {args.backend} backend evaluates folders of images only (--images DIR): the "
+                         "Fashion-MNIST test set goes through a trainer's input pipeline, which it does not have")
     spec = _training_spec(args)
     weights = load_weights_file(args.weights, spec)  # names, shapes, dtypes: before the data is read
     check_finite(weights, source=str(args.weights))
@@ -399,9 +432,18 @@ def build_parser() -> OneLineErrorParser:
                    help="also save the checkpoint after every N-th step inside an epoch (default: at epoch ends)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights")
-    p.add_argument("--backend", required=True, choices=training_backends())
-    p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
+    p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights on Fashion-MNIST's test set, or "
+                                        "top-1/top-5 on a folder of class folders of images (--images)")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", type=Path, help="canonical .npz (a training checkpoint works); with --images "
+                                                    "also a torchvision (.pth) / Gluon (.params) model-zoo file")
+    which.add_argument("--pretrained", choices=list(zoo.PUBLISHED), help="with --images: the published ImageNet weights")
+    p.add_argument("--images", type=Path, metavar="DIR",
+                   help="DIR/<class>/<image>: folders named as the classes, or as many folders as classes in "
+                        "sorted order (torchvision's ImageFolder rule; ImageNet's WordNet-ID folders)")
+    p.add_argument("--variant", choices=list(VARIANTS), help="with --images: which AlexNet (default: from the weights)")
+    p.add_argument("--batch", type=positive_int, default=16, help="with --images: images per forward pass")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S")
     p.add_argument("--limit-test", type=positive_int, metavar="N")
     p.add_argument("--device", choices=DEVICES, default="auto")

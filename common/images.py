@@ -132,6 +132,39 @@ def class_names(spec: ModelSpec) -> list[str]:
     return [f"class {i}" for i in range(spec.num_classes)]
 
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+
+
+def labelled_images(root: str | os.PathLike, spec: ModelSpec) -> tuple[list[tuple[Path, int]], str]:
+    """Every image under ``root/<class folder>/`` with its class index, and how folders were matched.
+
+    The usual one-folder-per-class layout. A folder named exactly as one of ``spec``'s classes
+    (``class_names``) is that class. Otherwise, with exactly as many folders as classes, the
+    sorted folder order is the class order: torchvision's ``ImageFolder`` rule, under which
+    ImageNet's WordNet-ID folders (n01440764 ...) sort into its class indices."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageError(f"{root}: no such folder of class folders")
+    folders = sorted(entry for entry in root.iterdir() if entry.is_dir())
+    if not folders:
+        raise ImageError(f"{root}: holds no class folders (expected {root}/<class>/<image>)")
+    names = class_names(spec)
+    index = {name: i for i, name in enumerate(names)}
+    if all(folder.name in index for folder in folders):
+        labels, rule = {folder: index[folder.name] for folder in folders}, "folders named as the classes"
+    elif len(folders) == len(names):
+        labels, rule = {folder: i for i, folder in enumerate(folders)}, "sorted folder order (ImageFolder's rule)"
+    else:
+        unknown = next(folder.name for folder in folders if folder.name not in index)
+        raise ImageError(f"{root}: folder {unknown!r} is none of the {len(names)} class names, and there are "
+                         f"{len(folders)} folders for {len(names)} classes, so sorted order cannot stand for them")
+    found = [(path, labels[folder]) for folder in folders for path in sorted(folder.rglob("*"))
+             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise ImageError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in its class folders")
+    return found, rule
+
+
 def top_k(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
     """Per row, the ``k`` most probable classes (index, softmax probability), most probable first;
     ties go to the lower index, so every backend lists the same classes for the same numbers."""
