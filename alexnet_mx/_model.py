@@ -19,9 +19,8 @@ from common.spec import (
     MaxPool2d,
     ModelSpec,
     ReLU,
-    book_alexnet,
 )
-from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
+from common.weights import WeightsError, build_recipe, check_arrays, resolve_weights
 
 from . import CAPABILITIES
 from ._framework import context, mx, resolve_device
@@ -148,12 +147,9 @@ def _check_model(model) -> AlexNet:
 def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None, seed: int = 0,
           device: str = "auto") -> AlexNet:
     """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``."""
-    spec = book_alexnet() if spec is None else spec
-    if num_classes is not None:
-        spec = spec.with_num_classes(num_classes)
+    spec, canonical = build_recipe(spec, num_classes=num_classes, weights=weights, seed=seed)
     where = resolve_device(device)
     ctx = context(where)
-    canonical = resolve_weights(spec, init_weights(spec, seed) if weights is None else weights)
     model = AlexNet(spec)
     model.initialize(mx.init.Zero(), ctx=ctx)  # every shape is known: nothing is deferred
     _set_weights(model, canonical)

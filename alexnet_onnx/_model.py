@@ -25,7 +25,7 @@ from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError
 from common.io import atomic_path
 from common.shapes import infer
-from common.weights import DTYPE, WeightsError, check_arrays, expected_shapes, init_weights, resolve_weights
+from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, expected_shapes, resolve_weights
 
 from ._framework import (OPSET, TensorProto, helper, make_model, make_session, numpy_helper, onnx, resolve_device,
                          session_device)
@@ -205,13 +205,8 @@ def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, we
     Its initializers are ``weights`` (canonical mapping or .npz path, checked first) or
     ``common.weights.init_weights(spec, seed)``: the numbers every backend starts from.
     """
-    spec = S.book_alexnet() if spec is None else spec
-    if not isinstance(spec, S.ModelSpec):
-        raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
-    if num_classes is not None:
-        spec = spec.with_num_classes(num_classes)
+    spec, canonical = build_recipe(spec, num_classes=num_classes, weights=weights, seed=seed)
     target = resolve_device(device)
-    canonical = resolve_weights(spec, weights) if weights is not None else init_weights(spec, seed)
     return OnnxAlexNet(spec, build_proto(spec, canonical), target)
 
 

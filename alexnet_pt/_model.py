@@ -22,7 +22,7 @@ from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
 from common.io import atomic_path
 from common.machine import cpu_flags
 from common.shapes import conv_in_channels, dense_in_features
-from common.weights import DTYPE, WeightsError, check_arrays, init_weights, resolve_weights
+from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, resolve_weights
 
 from ._framework import torch_device
 
@@ -98,14 +98,9 @@ def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, we
     Parameters are set to ``weights`` (canonical mapping or .npz path) or to
     ``common.weights.init_weights(spec, seed)``, so every backend starts from the same numbers.
     """
-    spec = S.book_alexnet() if spec is None else spec
-    if not isinstance(spec, S.ModelSpec):
-        raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
-    if num_classes is not None:
-        spec = spec.with_num_classes(num_classes)
-    target = torch_device(device)
     # Checked before any tensor is allocated: a wrong file fails fast and cheaply.
-    canonical = resolve_weights(spec, weights) if weights is not None else init_weights(spec, seed)
+    spec, canonical = build_recipe(spec, num_classes=num_classes, weights=weights, seed=seed)
+    target = torch_device(device)
     in_channels, in_features = conv_in_channels(spec), dense_in_features(spec)
     modules = OrderedDict((layer.name, _native_layer(layer, in_channels, in_features, "meta")) for layer in spec.layers)
     # Built on the meta device and materialised uninitialised: PyTorch's own random init

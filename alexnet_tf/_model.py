@@ -17,7 +17,7 @@ import numpy as np
 from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
 from common.io import atomic_folder, atomic_path
-from common.weights import (WeightsError, check_arrays, first_dense_after_flatten, init_weights,
+from common.weights import (WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
                             nhwc_flatten_permutation, resolve_weights)
 
 from . import CAPABILITIES
@@ -281,14 +281,9 @@ def build(spec: S.ModelSpec | None = None, *, num_classes: int | None = None, we
           device: str = "auto"):
     """A ``keras.Model`` for ``spec`` (default: the book's AlexNet) on ``device`` ('auto', 'cpu', 'gpu'),
     its parameters set to ``weights`` (canonical mapping or .npz path) or ``init_weights(spec, seed)``."""
-    spec = S.book_alexnet() if spec is None else spec
-    if not isinstance(spec, S.ModelSpec):
-        raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
-    if num_classes is not None:
-        spec = spec.with_num_classes(num_classes)
-    resolved = resolve_device(device)
     # Check the weights before building anything: a bad file fails fast and cheaply.
-    canonical = init_weights(spec, seed) if weights is None else resolve_weights(spec, weights)
+    spec, canonical = build_recipe(spec, num_classes=num_classes, weights=weights, seed=seed)
+    resolved = resolve_device(device)
     model = build_keras(spec, device_name(resolved))
     _assign(model, canonical)
     return model

@@ -459,4 +459,4 @@ def _bench(args) -> int:
     return 0
 
 
-__all__ = ["PRECISIONS", "BenchError", "Config", "add_bench_parser", "cmd_bench", "summarise", "table"]
+__all__ = ["BenchError", "Config", "add_bench_parser", "cmd_bench", "summarise", "table"]

@@ -199,6 +199,22 @@ def resolve_weights(spec: ModelSpec, weights) -> dict[str, np.ndarray]:
     return weights
 
 
+def build_recipe(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None,
+                 seed: int = 0) -> tuple[ModelSpec, dict[str, np.ndarray]]:
+    """What every backend's ``build`` starts from: ``spec`` (default: the book's AlexNet) with
+    ``num_classes`` applied, and its canonical weights: ``weights`` (mapping or .npz path, checked
+    before any framework allocates anything) or ``init_weights(spec, seed)``, so every backend
+    starts from the same numbers."""
+    from .spec import book_alexnet
+
+    spec = book_alexnet() if spec is None else spec
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a common.spec.ModelSpec, got {type(spec).__name__}")
+    if num_classes is not None:
+        spec = spec.with_num_classes(num_classes)
+    return spec, (init_weights(spec, seed) if weights is None else resolve_weights(spec, weights))
+
+
 def nhwc_flatten_permutation(spec: ModelSpec) -> np.ndarray:
     """Index array p such that ``x_nhwc_flat == x_nchw_flat[p]`` at the Flatten layer.
 

@@ -327,38 +327,14 @@ def file_digest(path: str | os.PathLike, algorithm: str) -> str:
 
 
 def _download(url: str, out, *, timeout: float, progress: bool, desc: str) -> None:
-    """The body at ``url`` into the binary file ``out``, all of it (a short body is an error)."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    from tqdm import tqdm
+    """The body at ``url`` into the binary file ``out``, all of it (a short body is an error), by the
+    project's one download loop (``common.data.mirrors.stream_url``)."""
+    from .data.mirrors import DownloadFailed, stream_url
 
     try:
-        response = urllib.request.urlopen(url, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        raise WeightsError(f"could not download {url}: HTTP {error.code} {error.reason}") from None
-    except (OSError, http.client.HTTPException) as error:
-        reason = getattr(error, "reason", None) or error
-        raise WeightsError(f"could not download {url}: {reason}") from None
-    with response:
-        length = response.headers.get("Content-Length")
-        total = int(length) if length and length.isdigit() else None
-        received = 0
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, disable=not progress) as bar:
-            while True:
-                try:
-                    chunk = response.read(_DOWNLOAD_CHUNK)
-                except (OSError, http.client.HTTPException) as error:
-                    raise WeightsError(f"could not download {url}: {error or type(error).__name__} "
-                                       f"after {received} bytes") from None
-                if not chunk:
-                    break
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-    if total is not None and received != total:
-        raise WeightsError(f"could not download {url}: the connection closed after {received} of {total} bytes")
+        stream_url(url, out, timeout=timeout, progress=progress, desc=desc)
+    except DownloadFailed as error:
+        raise WeightsError(f"could not download {url}: {error}") from None
 
 
 def _extract(archive, member: str, target: Path, url: str) -> None:

@@ -48,12 +48,16 @@ MIRROR_ENV_VAR = "ALEXNET_DATA_MIRROR"
 _CHUNK = 1 << 16  # read size: small enough for a smooth progress bar
 
 
-class _TransientError(Exception):
+class DownloadFailed(Exception):
+    """A body could not be fetched whole; the message says why in a few words."""
+
+
+class _TransientError(DownloadFailed):
     """A network failure worth retrying on the same mirror (connection refused or reset,
     timeout, short body, HTTP 5xx/429)."""
 
 
-class _MirrorFailed(Exception):
+class _MirrorFailed(DownloadFailed):
     """This mirror cannot deliver this file (HTTP 4xx, wrong bytes, retries used up): try the next."""
 
 
@@ -81,9 +85,10 @@ def mirror_list(mirrors: str | Sequence[str] | None = None) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _stream(url: str, out: BinaryIO, *, timeout: float, progress: bool, desc: str) -> None:
+def stream_url(url: str, out: BinaryIO, *, timeout: float, progress: bool, desc: str) -> None:
     """Copy the body at ``url`` (redirects followed) into ``out``, insisting on the full
-    Content-Length.
+    Content-Length; a failure is a DownloadFailed (``_TransientError`` where a retry may help).
+    The one download loop of the project: the data's mirrors and the model zoo's weights.
 
     http.client returns a short body without error when the server closes early,
     so the byte count is checked here; that is what makes a cut connection a retry
@@ -157,7 +162,7 @@ def _fetch(
         try:
             with atomic_path(dest) as tmp:
                 with open(tmp, "wb") as out:
-                    _stream(url, out, timeout=timeout, progress=progress, desc=spec.name)
+                    stream_url(url, out, timeout=timeout, progress=progress, desc=spec.name)
                 try:
                     content = decompress(tmp.read_bytes(), "the download")
                 except DataError as e:
