@@ -22,7 +22,7 @@ from common.spec import (
 )
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
 
-from ._framework import context, mx, resolve_device
+from ._framework import mx, replica_contexts, resolve_device
 
 gluon = mx.gluon
 nn = mx.gluon.nn
@@ -103,7 +103,13 @@ class AlexNet(gluon.HybridBlock):
 
     @property
     def ctx(self):
-        return next(iter(self.collect_params().values())).list_ctx()[0]
+        """The first context holding the parameters (the first replica's, with several)."""
+        return self.contexts[0]
+
+    @property
+    def contexts(self) -> list:
+        """Every context holding a copy of the parameters (one per replica)."""
+        return next(iter(self.collect_params().values())).list_ctx()
 
     def hybrid_forward(self, F, x):
         for _, block in self.layer_blocks:
@@ -127,15 +133,15 @@ def _check_model(model) -> AlexNet:
 
 def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None, seed: int = 0,
           device: str = "auto") -> AlexNet:
-    """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``."""
+    """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``;
+    after ``configure_replicas(N)``, with a copy of every parameter on each replica's context."""
     spec = book_alexnet() if spec is None else spec
     if num_classes is not None:
         spec = spec.with_num_classes(num_classes)
-    where = resolve_device(device)
-    ctx = context(where)
+    contexts = replica_contexts(resolve_device(device))
     canonical = resolve_weights(spec, init_weights(spec, seed) if weights is None else weights)
     model = AlexNet(spec)
-    model.initialize(mx.init.Zero(), ctx=ctx)  # every shape is known: nothing is deferred
+    model.initialize(mx.init.Zero(), ctx=contexts)  # every shape is known: nothing is deferred
     _set_weights(model, canonical)
     model.hybridize(static_alloc=True, static_shape=True)
     return model
@@ -211,7 +217,7 @@ def load_weights(model, weights) -> None:
 
 def export_weights(model) -> dict[str, np.ndarray]:
     model = _check_model(model)
-    return {name: param.data().asnumpy().astype(np.float32, copy=False)
+    return {name: param.data(model.ctx).asnumpy().astype(np.float32, copy=False)
             for name, param in _canonical_params(model).items()}
 
 
@@ -229,7 +235,7 @@ def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     with mx.autograd.record(train_mode=True):
         loss = loss_fn(model(data), target).mean()
     loss.backward()
-    grads = {name: param.grad().asnumpy() for name, param in _canonical_params(model).items()}
+    grads = {name: param.grad(model.ctx).asnumpy() for name, param in _canonical_params(model).items()}
     return float(loss.asscalar()), grads
 
 
