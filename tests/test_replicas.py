@@ -179,3 +179,95 @@ def test_pytorch_replicas_draw_dropout_masks_from_their_own_seeds(tmp_path):
     assert len(weights) == 16
     worst = max(float(np.abs(result[k] - result[f"ref/{k}"]).max()) for k in weights)
     assert worst <= WEIGHT_TOL, worst
+
+
+# ------------------------------------------------------------------ the launcher: nothing hangs, nothing is left
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+
+
+def test_one_failing_process_ends_the_others(tmp_path):
+    import time
+
+    began = time.monotonic()
+    code = run_processes([Process(SLEEPER), Process([sys.executable, "-c", "raise SystemExit(3)"])], grace=2)
+    assert code == 3 and time.monotonic() - began < 20
+
+
+def test_a_timeout_ends_every_process():
+    import time
+
+    began = time.monotonic()
+    assert run_processes([Process(SLEEPER), Process(SLEEPER)], timeout=1, grace=2) == 124
+    assert time.monotonic() - began < 20
+
+
+def test_replica_processes_carry_torchruns_variables():
+    processes = replica_processes(["prog"], 3, port=12345, threads=1)
+    assert [p.env["RANK"] for p in processes] == ["0", "1", "2"]
+    assert all(p.env["WORLD_SIZE"] == "3" and p.env["MASTER_ADDR"] == "127.0.0.1" and p.env["MASTER_PORT"] == "12345"
+               for p in processes)
+
+
+LAUNCHER = """
+import sys
+from common.launch import Process, run_processes
+child = '''
+import os, signal, sys, time
+def note(signum, frame):
+    open(os.path.join(sys.argv[1], f"got-{signal.Signals(signum).name}-{os.getpid()}"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGINT, note)
+signal.signal(signal.SIGTERM, note)
+open(os.path.join(sys.argv[1], f"ready-{os.getpid()}"), "w").close()
+time.sleep(60)
+'''
+sys.exit(run_processes([Process([sys.executable, "-c", child, sys.argv[1]]) for _ in range(2)], grace=5))
+"""
+
+
+def _start_launcher(folder: Path):
+    import subprocess
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(folder)], cwd=str(ROOT))
+    deadline = time.monotonic() + 20
+    while len(list(folder.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(folder.glob("ready-*"))) == 2
+    return parent
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_launcher_reaches_every_process(signum, tmp_path):
+    import signal
+
+    parent = _start_launcher(tmp_path)
+    parent.send_signal(getattr(signal, signum))
+    assert parent.wait(timeout=20) == 0
+    assert len(list(tmp_path.glob(f"got-{signum}-*"))) == 2
+
+
+def test_processes_die_with_a_killed_launcher(tmp_path):
+    import os
+    import signal
+    import time
+
+    parent = _start_launcher(tmp_path)
+    pids = [int(p.name.rsplit("-", 1)[1]) for p in tmp_path.glob("ready-*")]
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=20)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:  # a zombie (dead, not yet reaped by init) is not alive
+        return stat.read().split(")")[-1].split()[0] != "Z"
