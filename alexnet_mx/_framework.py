@@ -138,7 +138,7 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
 
     * Started as a ``dist_sync`` worker (``DMLC_ROLE=worker`` with the other ``DMLC_*`` variables
       of a parameter-server job; one worker per replica, on one or several machines): the
-      ``dist_sync`` KVStore, one context here (GPU ``DMLC_LOCAL_RANK`` or the CPU). The servers
+      ``dist_sync`` KVStore, one context here (the first GPU it sees, or the CPU). The servers
       apply the optimizer (``update_on_kvstore``), so the momentum lives on them.
     * Otherwise the ``device`` KVStore in this process over ``replicas`` contexts: GPUs 0..N-1,
       or on a CPU N CPU contexts (MXNet runs them on one device: that measures the engine, not
@@ -155,8 +155,7 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
         if workers != replicas:
             raise ValueError(f"DMLC_NUM_WORKER={workers}, but {replicas} replicas were asked for (one per worker)")
         kvstore = mx.kv.create("dist_sync")
-        local = int(os.environ.get("DMLC_LOCAL_RANK", "0"))
-        contexts = [mx.gpu(local) if where == "gpu" else mx.cpu()]
+        contexts = [context(where)]  # GPU 0 of those the worker sees: CUDA_VISIBLE_DEVICES picks it
         group = ReplicaGroup("dist_sync", replicas, rank=kvstore.rank, processes=kvstore.num_workers,
                              first_replica=kvstore.rank)
     else:

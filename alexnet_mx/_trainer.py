@@ -223,8 +223,9 @@ class Trainer:
             self._trainer._init_kvstore()
         if self._trainer._update_on_kvstore:
             if self._distributed:
-                raise NotImplementedError("with dist_sync the momentum lives on the parameter servers, which MXNet "
-                                          "cannot save or set: train without momentum, or with the device engine")
+                raise ValueError("with MXNet's dist_sync the momentum lives on the parameter servers, which MXNet "
+                                 "cannot save or set: no checkpoint with momentum; train without momentum, or with "
+                                 "the device engine")
             return self._trainer._kvstore._updater
         return self._trainer._updaters[0]
 

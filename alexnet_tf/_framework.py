@@ -101,9 +101,10 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
     """Set up ``tf.distribute`` for ``replicas`` replicas; call it before building the model and
     before anything else computes with TensorFlow (devices are fixed when TensorFlow starts them).
 
-    * With ``TF_CONFIG`` naming a cluster of workers (one per replica, on one or several
-      machines): ``MultiWorkerMirroredStrategy``, this process being worker ``task.index``
-      (ring all-reduce on CPU, NCCL on GPUs).
+    * With ``TF_CONFIG`` naming a cluster of workers (one or several machines):
+      ``MultiWorkerMirroredStrategy``, this process being worker ``task.index``, with the GPUs it
+      sees (the same number in each worker) or, on CPUs, one replica per worker (ring all-reduce
+      on CPU, NCCL on GPUs).
     * Otherwise ``MirroredStrategy`` in this process over the first ``replicas`` GPUs, or on a
       CPU over ``replicas`` logical CPU devices split from the one physical CPU device.
 
@@ -117,15 +118,19 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
     workers = config.get("cluster", {}).get("worker") or []
     where = resolve_device(device)
     if workers:
-        if len(workers) != replicas:
-            raise ValueError(f"TF_CONFIG names {len(workers)} workers, but {replicas} replicas were asked for "
-                             "(one replica per worker)")
-        rank = int(config.get("task", {}).get("index", 0))
+        if replicas % len(workers):
+            raise ValueError(f"TF_CONFIG names {len(workers)} workers, which cannot share {replicas} replicas evenly")
+        rank, local = int(config.get("task", {}).get("index", 0)), replicas // len(workers)
+        if where == "cpu" and local != 1:
+            raise ValueError(f"TF_CONFIG names {len(workers)} workers for {replicas} replicas: on a CPU each worker "
+                             "process is one replica")
         implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if where == "gpu"
                           else tf.distribute.experimental.CommunicationImplementation.RING)
+        # every GPU a worker sees is one of its replicas (CUDA_VISIBLE_DEVICES chooses them)
         strategy = tf.distribute.MultiWorkerMirroredStrategy(
             communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
-        group = ReplicaGroup("multi_worker", replicas, rank=rank, processes=replicas, first_replica=rank)
+        group = ReplicaGroup("multi_worker", replicas, rank=rank, processes=len(workers), first_replica=rank * local,
+                             local_replicas=local)
     else:
         devices = _gpu_devices(replicas) if where == "gpu" else _cpu_devices(replicas)
         strategy = tf.distribute.MirroredStrategy(devices)
