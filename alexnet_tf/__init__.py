@@ -36,8 +36,8 @@ CAPABILITIES = Capabilities(
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (imports TensorFlow first: an ImportError names the extra)
-    configure_replicas, disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
-    synchronize,
+    configure_replicas, disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory,
+    replica_group, runtime_info, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
     build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
@@ -48,4 +48,4 @@ from ._trainer import Trainer, make_trainer  # noqa: E402
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "configure_replicas"]
+__all__ = [*_CONTRACT, "configure_replicas", "replica_group"]
