@@ -25,7 +25,7 @@ CAPABILITIES = Capabilities(
         SpeedUp("hybridize", "hybridize", "hybridize(static_alloc=True, static_shape=True)",
                 default_on=("cpu", "gpu")),
     ),
-    native_suffixes=(".params",),
+    native_suffixes=(".params",), exports=("-symbol.json", "-0000.params"),
     replicas=(
         ReplicaEngine("device", "KVStore 'device' in one process over N GPU or CPU contexts"),
         ReplicaEngine("dist_sync", "KVStore 'dist_sync', one worker process per replica with parameter servers, "
@@ -39,12 +39,12 @@ from ._framework import (  # noqa: E402  (the numpy shim, then MXNet: an ImportE
     replica_group, runtime_info, serve_kvstore, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
-    AlexNet, build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
-    parameter_devices, save_native,
+    AlexNet, build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
+    param_counts, parameter_devices, save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "replica_group", "serve_kvstore"]
+__all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "export_artifacts", "replica_group", "serve_kvstore"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.backend import ARTIFACT_INPUT
 from common.io import atomic_path
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
@@ -22,6 +23,7 @@ from common.spec import (
 )
 from common.weights import WeightsError, check_arrays, init_weights, resolve_weights
 
+from . import CAPABILITIES
 from ._framework import mx, replica_contexts, resolve_device
 
 gluon = mx.gluon
@@ -37,16 +39,34 @@ def parameter_devices(model) -> set[str]:
 
 
 class _LocalResponseNorm(gluon.HybridBlock):
-    """Across-channel LRN. MXNet's LRN divides alpha by nsize inside the sum, as PyTorch's does
-    (b = a / (k + alpha/n * sum a^2)^beta, checked numerically in tests), so the spec's alpha
-    goes in unchanged."""
+    """Across-channel LRN, PyTorch's definition: b = a / (k + alpha/n * sum over the window of a^2)^beta,
+    the window running from c - n//2 to c + (n-1)//2 with zeros beyond the edges.
+
+    Written from primitives (square, zero padding across channels, a sum of ``size`` shifted
+    slices, power), not with MXNet's own ``LRN`` operator: on oneDNN (the pip wheel's CPU path),
+    ``LRN``'s backward behind a oneDNN convolution gives input gradients about 1e-4 off, which left
+    conv1's and conv2's gradients of the paper's network up to 6.4e-4 from the float64 oracle
+    (found by the parity suite; every layer alone, and the whole net with MXNET_MKLDNN_ENABLED=0,
+    agree to ~4e-7). The window sum was first an average ``Pooling`` over the channels reshaped
+    into rows; behind the oneDNN convolution, in the whole hybridized graph at batch >= 2, oneDNN
+    then refused it ("could not create a descriptor for a pooling forward propagation
+    primitive"): the paper's network ran layer by layer (the parity suite's forward) and at batch
+    1 only, and its exported symbol failed at batch 2."""
 
     def __init__(self, layer: LocalResponseNorm, **kwargs):
         super().__init__(**kwargs)
-        self._args = dict(alpha=float(layer.alpha), beta=float(layer.beta), knorm=float(layer.k), nsize=layer.size)
+        self._size, self._alpha, self._beta, self._k = layer.size, float(layer.alpha), float(layer.beta), float(layer.k)
 
     def hybrid_forward(self, F, x):
-        return F.LRN(x, **self._args)
+        before, after, last = self._size // 2, (self._size - 1) // 2, self._size - 1
+        squares = F.square(x)
+        zeros = F.zeros_like(F.slice_axis(squares, axis=1, begin=0, end=1))
+        padded = F.concat(*([zeros] * before + [squares] + [zeros] * after), dim=1)  # (N, C + size - 1, H, W)
+        # channel c's window is padded[c : c + size]: the sum of the size slices padded[j : j + C]
+        window_sum = F.add_n(*[F.slice_axis(padded, axis=1, begin=j, end=(j - last) or None)
+                               for j in range(self._size)])
+        scale = window_sum * (self._alpha / self._size) + self._k
+        return x / (scale ** self._beta)
 
 
 class _AdaptiveAvgPool2d(gluon.HybridBlock):
@@ -269,3 +289,47 @@ def load_native(model, path) -> None:
     ctx = model.ctx
     for name, param in expected.items():
         param.set_data(loaded[name].as_in_context(ctx))
+
+
+# ------------------------------------------------------------------ deployable artifacts
+
+SYMBOL_ENDING, PARAMS_ENDING = CAPABILITIES.exports  # "-symbol.json", "-0000.params": HybridBlock.export's names
+
+
+def inference_symbol(model, input_name: str = ARTIFACT_INPUT) -> "mx.sym.Symbol":
+    """The network as an MXNet symbol on an input variable named ``input_name``, with no Dropout
+    node at all: inference is the only mode it has, whatever ``autograd`` mode a consumer is in."""
+    model = _check_model(model)
+    x = mx.sym.var(input_name)
+    for _, block in model.layer_blocks:
+        if not isinstance(block, nn.Dropout):
+            x = block(x)
+    return x
+
+
+def export_artifacts(model, folder) -> list[Path]:
+    """The deployable artifacts: ``folder/alexnet-symbol.json`` (the graph) and
+    ``folder/alexnet-0000.params`` (its weights), the two files ``HybridBlock.export`` writes and
+    ``SymbolBlock.imports`` reads, for any batch size::
+
+        mx.gluon.SymbolBlock.imports("alexnet-symbol.json", ["input"], "alexnet-0000.params")
+
+    Written from ``inference_symbol`` rather than by ``HybridBlock.export``, which names the
+    input ``data`` and keeps the Dropout nodes (off only while autograd is not recording): here
+    the input is ``input``, as in every artifact of this project, and dropout is not in the
+    graph. Input float32 NCHW (batch, C, H, W) at the spec's size; one output, the logits.
+    Both files are written to temporaries first and renamed together at the end.
+    """
+    model = _check_model(model)
+    symbol = inference_symbol(model)
+    arguments = set(symbol.list_arguments()) - {ARTIFACT_INPUT}
+    params = {name: param for name, param in model.collect_params().items() if name in arguments}
+    if set(params) != arguments:  # pragma: no cover - every argument but the input is a parameter
+        raise RuntimeError(f"graph arguments without parameters: {sorted(arguments - set(params))}")
+    folder = Path(folder)
+    symbol_path, params_path = folder / ("alexnet" + SYMBOL_ENDING), folder / ("alexnet" + PARAMS_ENDING)
+    with atomic_path(params_path) as params_tmp, atomic_path(symbol_path) as symbol_tmp:
+        symbol.save(str(symbol_tmp))
+        mx.nd.save(str(params_tmp), {f"arg:{name}": param.data(model.ctx).copyto(mx.cpu())
+                                      for name, param in params.items()})
+    return [symbol_path, params_path]

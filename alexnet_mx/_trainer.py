@@ -31,6 +31,7 @@ from typing import Mapping
 
 import numpy as np
 
+from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed, shard_bounds
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
@@ -99,9 +100,9 @@ class Trainer:
             else:
                 model.hybridize(active=False)
         self.hybridize = bool(model._active)
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
-        optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=self.lr, wd=self.weight_decay)
+        optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=checked_lr(lr), wd=self.weight_decay)
         # One device: no kvstore, updates run locally through the updater, whose states we read.
         # Replicas: the KVStore sums the gradients and applies the optimizer (update_on_kvstore).
         kvstore = replica_kvstore() if replicas > 1 else None
@@ -118,11 +119,21 @@ class Trainer:
         """The speed options in effect, as ``alexnet bench`` records them."""
         return {"hybridize": self.hybridize, "precision": self.precision}
 
+    @property
+    def lr(self) -> float:
+        return float(self._trainer.learning_rate)
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Change the learning rate of the next steps (gluon.Trainer's own), momentum buffers untouched."""
+        self._trainer.set_learning_rate(checked_lr(value))
+
     # ------------------------------------------------------------ data
 
     def prepare(self, images) -> "mx.nd.NDArray":
-        """uint8 (N, h, w) -> float32 (N, 1, H, W) on the model's device, as ``common.data.preprocess``:
-        x / 255, then ``R_h @ x @ R_w.T`` with common's matrices (cached on the device), then normalise."""
+        """uint8 (N, h, w) -> float32 (N, C, H, W) on the model's device, as ``common.data.preprocess``:
+        x / 255, then ``R_h @ x @ R_w.T`` with common's matrices (cached on the device), then normalise;
+        the grey image fills each of the spec's C channels (``common.backend.prepared_reference``)."""
         from common.data import NORMALIZE_MEAN, NORMALIZE_STD, resize_matrix
 
         images = np.asarray(images)
@@ -140,7 +151,7 @@ class Trainer:
         x = mx.nd.batch_dot(r_h.expand_dims(0).broadcast_to((n, height, src_h)), x)  # (N, H, w)
         x = mx.nd.dot(x, r_w_t)  # (N, H, W)
         x = (x - np.float32(NORMALIZE_MEAN)) / np.float32(NORMALIZE_STD)
-        return x.expand_dims(1)
+        return mx.nd.repeat(x.expand_dims(1), repeats=self.model.spec.in_channels, axis=1)
 
     # ------------------------------------------------------------ steps
 

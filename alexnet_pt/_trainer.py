@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed, shard
 from common.weights import DTYPE, MOMENTUM_PREFIX, momentum_buffers
 
@@ -94,26 +95,21 @@ class Trainer:
     @lr.setter
     def lr(self, value: float) -> None:
         """Change the learning rate (e.g. a schedule) without touching the momentum buffers."""
-        if not value >= 0:
-            raise ValueError(f"lr must be >= 0, got {value!r}")
+        value = checked_lr(value)
         for group in self.optimizer.param_groups:
-            group["lr"] = float(value)
+            group["lr"] = value
 
     # ------------------------------------------------------------------ data
     def prepare(self, images: Any) -> torch.Tensor:
-        """uint8 (N, h, w) -> normalised float32 (N, 1, H, W) on the model's device.
+        """uint8 (N, h, w) -> normalised float32 (N, C, H, W) on the model's device.
 
         The same arithmetic as ``common.data.preprocess`` (x / 255, ``R_h @ x @ R_w.T`` with
         ``common.data.resize_matrix``, then ``(x - mean) / std``), done with torch's matmul
-        where the model lives; the resize matrices are cached as device tensors.
+        where the model lives; the resize matrices are cached as device tensors. The grey
+        image fills each of the spec's C channels (``common.backend.prepared_reference``).
         """
         from common import data  # lazily: the data module is optional for inference-only use
 
-        if self.spec.in_channels != 1:
-            raise ValueError(
-                f"prepare makes 1-channel (grayscale) inputs, but spec {self.spec.name!r} takes "
-                f"{self.spec.in_channels} channels; build with spec.with_input(1, H, W) to train on Fashion-MNIST"
-            )
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 3:
             raise ValueError(f"expected uint8 images of shape (N, h, w), got {images.dtype} {tuple(images.shape)}")
@@ -128,7 +124,8 @@ class Trainer:
         mean, std = float(data.NORMALIZE_MEAN), float(data.NORMALIZE_STD)
         x = images.to(self.device, non_blocking=True).to(torch.float32) / 255.0
         x = torch.matmul(torch.matmul(r_h, x), r_w.T)
-        return self._layout(((x - mean) / std).unsqueeze(1))
+        x = ((x - mean) / std).unsqueeze(1)
+        return self._layout(x.expand(-1, self.spec.in_channels, -1, -1))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=memory_format(self.channels_last))

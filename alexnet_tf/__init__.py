@@ -26,7 +26,7 @@ CAPABILITIES = Capabilities(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
                 "a GPU, off on CPU (slower there)", default_on=("gpu",)),
     ),
-    native_suffixes=(".weights.h5",),
+    native_suffixes=(".weights.h5",), exports=("_savedmodel",),
     replicas=(
         ReplicaEngine("mirrored", "MirroredStrategy in one process over N GPUs or N logical CPU devices"),
         ReplicaEngine("multi_worker", "MultiWorkerMirroredStrategy, one process per replica, named by TF_CONFIG "
@@ -40,12 +40,12 @@ from ._framework import (  # noqa: E402  (imports TensorFlow first: an ImportErr
     replica_group, runtime_info, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
-    build, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec, param_counts,
-    parameter_devices, save_native,
+    build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
+    param_counts, parameter_devices, save_native,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "configure_replicas", "replica_group"]
+__all__ = [*_CONTRACT, "configure_replicas", "export_artifacts", "replica_group"]

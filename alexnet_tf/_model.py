@@ -15,7 +15,8 @@ from typing import Callable
 import numpy as np
 
 from common import spec as S
-from common.io import atomic_path
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
+from common.io import atomic_folder, atomic_path
 from common.weights import (WeightsError, check_arrays, first_dense_after_flatten, init_weights,
                             nhwc_flatten_permutation, resolve_weights)
 
@@ -425,3 +426,37 @@ def load_native(model, path) -> None:
         model.load_weights(str(path))
     except Exception as error:  # Keras' own checks, as a last line
         raise WeightsError(f"{path}: Keras could not load it into this model ({error})") from error
+
+
+# ------------------------------------------------------------------ deployable artifacts
+
+SAVED_MODEL = "alexnet" + CAPABILITIES.exports[0]  # a folder: alexnet_savedmodel
+
+
+def export_artifacts(model, folder) -> list[Path]:
+    """The deployable artifact: ``folder/alexnet_savedmodel``, a TensorFlow SavedModel (a folder,
+    TF Serving's format) for any batch size, in inference mode (dropout off), on any device.
+
+    Its ``serving_default`` signature takes ``input``: float32 NHWC (batch, H, W, C) at the spec's
+    size, TensorFlow's own layout (as ``tf.image`` decodes images), and returns ``{"logits": ...}``::
+
+        tf.saved_model.load(path).signatures["serving_default"](input=tf.constant(x))["logits"]
+
+    Only the inference graph and the variables are saved, in a plain ``tf.Module``: no Keras
+    object or layer class of this project, so loading needs TensorFlow alone. Written beside the
+    target and renamed (``common.io.atomic_folder``).
+    """
+    spec = spec_of(model)
+    signature = tf.TensorSpec((None, *spec.input_size, spec.in_channels), tf.float32, name=ARTIFACT_INPUT)
+
+    @tf.function(input_signature=[signature])
+    def serve(x):
+        return {ARTIFACT_OUTPUT: run(model, x, training=False)}
+
+    module = tf.Module()
+    module.weights = [v.value for v in model.weights]  # tracked, so the SavedModel holds them
+    module.serve = serve
+    path = Path(folder) / SAVED_MODEL
+    with atomic_folder(path) as tmp:
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": serve})
+    return [path]

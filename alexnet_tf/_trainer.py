@@ -24,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
+from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
@@ -133,9 +134,7 @@ class Trainer:
     @lr.setter
     def lr(self, value: float) -> None:
         """Change the learning rate without retracing the compiled step."""
-        if value < 0:
-            raise ValueError(f"lr must be >= 0, got {value!r}")
-        self._lr.assign(float(value))
+        self._lr.assign(checked_lr(value))
 
     # ---------------------------------------------------------------- compiled bodies
     def _train_fn(self, x, labels, seed):
@@ -234,8 +233,8 @@ class Trainer:
 
     def prepare(self, images: np.ndarray):
         """uint8 (N, h, w) -> float32 (N, H, W, C) on the model's device, as common.data.preprocess
-        (scale, bilinear resize by matrices, normalise) but with TensorFlow's matmul; a grey image
-        is repeated over the channels when the spec takes more than one."""
+        (scale, bilinear resize by matrices, normalise) but with TensorFlow's matmul; the grey
+        image fills each of the spec's C channels (``common.backend.prepared_reference``)."""
         from common.data import NORMALIZE_MEAN, NORMALIZE_STD
 
         images = np.asarray(images)
@@ -247,10 +246,7 @@ class Trainer:
             x = tf.einsum("Hh,nhw->nHw", rows, x)
             x = tf.einsum("nHw,Ww->nHW", x, cols)
             x = (x - tf.constant(NORMALIZE_MEAN, tf.float32)) / tf.constant(NORMALIZE_STD, tf.float32)
-            x = x[..., None]
-            if self.spec.in_channels != 1:
-                x = tf.tile(x, (1, 1, 1, self.spec.in_channels))
-            return x
+            return tf.tile(x[..., None], (1, 1, 1, self.spec.in_channels))
 
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
         """One SGD step on the global batch (over the replicas, if several); (mean loss, correct)."""

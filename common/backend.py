@@ -184,7 +184,9 @@ class Trainer(Protocol):
 
     def prepare(self, images: np.ndarray) -> Any:
         """uint8 (N, 28, 28) -> normalised float input at the spec's size, on the model's device,
-        in the backend's layout (resize and normalisation as ``common.data.preprocess``)."""
+        in the backend's layout (resize and normalisation as ``common.data.preprocess``). The
+        images are grey: a spec that takes C channels gets the grey image in each of the C
+        (:func:`prepared_reference` states the whole rule in numpy; every backend is tested against it)."""
 
     def train_step(self, x: Any, labels: np.ndarray, *, seed: int) -> tuple[float, int]:
         """One SGD step; returns (mean loss, correct predictions). Dropout masks depend only on
@@ -257,6 +259,30 @@ class Backend(Protocol):
 
     def runtime_info(self, device: str) -> dict[str, Any]:
         """Framework version, threads, libraries; GPU name and CUDA/cuDNN versions on a GPU."""
+
+
+def prepared_reference(images: np.ndarray, spec: ModelSpec, layout: str) -> np.ndarray:
+    """What ``Trainer.prepare(images)`` returns in every backend, as float32 numpy: the one rule.
+
+    ``common.data.preprocess`` at the spec's input size (scale, bilinear resize, normalise),
+    then, the images being grey, that one channel repeated ``spec.in_channels`` times (as
+    torchvision's ``Grayscale(num_output_channels=C)``: the paper's 3-channel AlexNet trains
+    on Fashion-MNIST too), in ``layout`` ("NCHW" or "NHWC")."""
+    from .data import preprocess  # lazily: data is needed only by training
+
+    if layout not in shapes.LAYOUTS:
+        raise ValueError(f"layout must be one of {shapes.LAYOUTS}, got {layout!r}")
+    x = np.repeat(preprocess(images, spec.input_size), spec.in_channels, axis=1)
+    return x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def checked_lr(value) -> float:
+    """The learning rate a ``Trainer.lr`` setter accepts, the same in every backend: a finite
+    number >= 0 (0 freezes the weights; NaN or infinity would ruin them at the next step)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+            or not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"lr must be >= 0 and finite, got {value!r}")
+    return float(value)
 
 
 def load_backend(name: str) -> Backend:
@@ -341,16 +367,6 @@ def effective_math(math: str, device: str) -> str:
     return math if device == "gpu" else "fp32"
 
 
-def device_description(backend: "Backend", model: Any) -> str:
-    """Where ``model``'s parameters really are, named: the GPU's name, or the CPU's model and features."""
-    from .machine import describe_cpu
-
-    devices = backend.parameter_devices(model)
-    if devices == {"gpu"}:
-        return f"gpu: {backend.gpu_status().detail}"
-    return f"cpu: {describe_cpu()}" if devices == {"cpu"} else f"mixed {sorted(devices)}"
-
-
 @dataclass(frozen=True)
 class LayerRow:
     name: str
@@ -413,8 +429,8 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 __all__ = [
     "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
     "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
-    "apply_math_environment", "bound_layer_summary", "capabilities", "choose_device", "device_description",
-    "effective_math", "math_environment",
-    "layer_summary", "load_backend", "require_framework", "speed_up_choices", "speed_up_owner", "to_spec_input",
-    "exporting_backends", "training_backends",
+    "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr", "choose_device",
+    "effective_math", "exporting_backends", "layer_summary", "load_backend",
+    "math_environment", "prepared_reference", "require_framework", "speed_up_choices", "speed_up_owner",
+    "to_spec_input", "training_backends",
 ]

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +18,10 @@ import numpy as np
 from . import shapes, zoo
 from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, apply_math_environment,
                       capabilities, exporting_backends, load_backend, training_backends)
-from .cli_args import (EXIT_ERROR, EXIT_MISMATCH, add_math_arg, add_precision_arg, add_spec_args, add_speed_up_args,
-                       backend_list, chosen_speed_ups, default_run_dir, positive_int, spec_from, summary_backends,
-                       training_backend_list)
+from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
+                       add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
+                       default_run_dir, momentum_value, non_negative_float, non_negative_int, positive_float,
+                       positive_int, spec_from, summary_backends, training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
 from .spec import SpecError, get_spec
@@ -74,11 +77,13 @@ def cmd_summary(args) -> int:
 
 # ---------------------------------------------------------------- parity
 def cmd_parity(args) -> int:
-    from .parity import run_parity
+    from .parity import TOLERANCES, run_parity
 
+    if not 0 < args.scale_tolerances < float("inf"):
+        raise ValueError(f"--scale-tolerances must be a positive number, got {args.scale_tolerances}")
     spec = spec_from(args)
-    report = run_parity(spec, args.backends, batch=args.batch, seed=args.seed,
-                        device=args.device, tolerance=args.tolerance)
+    report = run_parity(spec, args.backends, batch=args.batch, seed=args.seed, device=args.device,
+                        tolerances=TOLERANCES.scaled(args.scale_tolerances))
     print(report.text)
     return 0 if report.passed else EXIT_MISMATCH
 
@@ -87,10 +92,12 @@ def cmd_parity(args) -> int:
 def _add_train_args(parser):
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.0, help="the 2012 paper used 0.9 (default 0: the book's)")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="the 2012 paper used 5e-4 (default 0)")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
+    parser.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
+    parser.add_argument("--momentum", type=momentum_value, default=0.0,
+                        help="in [0, 1); the 2012 paper used 0.9 (default 0: the book's)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,
+                        help="coupled L2; the 2012 paper used 5e-4 (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="initial weights and batch order (default 0)")
     parser.add_argument("--limit-train", type=positive_int, metavar="N", help="train on the first N images only")
     parser.add_argument("--limit-test", type=positive_int, metavar="N", help="evaluate on the first N test images only")
     parser.add_argument("--input-size", type=positive_int, default=224, metavar="S",
@@ -104,18 +111,21 @@ def _add_train_args(parser):
 
 
 def _training_spec(args):
-    return get_spec("book").with_input(1, args.input_size)
+    spec = get_spec("book").with_input(1, args.input_size)
+    shapes.infer(spec)  # too small an input: the layer where it collapses, before any framework is imported
+    return spec
 
 
-def _fit_kwargs(args, backend: str) -> dict:
-    return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
+def _fit_kwargs(args, backend: str | None) -> dict:
+    return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
                 limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True,
-                precision=args.precision, math_mode=args.math)
+                precision=args.precision, math_mode=args.math, command=getattr(args, "command_line", None))
 
 
-def default_run_dir(label: str) -> Path:
-    return Path("runs") / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _stopped_status(history) -> int:
+    """0, or 128 + the number of the signal that stopped the run (130 Ctrl-C, 143 SIGTERM), as a shell reports it."""
+    return 128 + int(signal.Signals[history.stopped]) if history.stopped else 0
 
 
 def _check_numerics(args, names) -> None:
@@ -127,44 +137,65 @@ def _check_numerics(args, names) -> None:
 
 
 def cmd_train(args) -> int:
-    _check_numerics(args, [args.backend])
-    backend = load_backend(args.backend)
-    run_dir = args.run_dir or default_run_dir(args.backend)
-    model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-    # fit checks --on/--off, then loads the data: a wrong flag fails before that work
-    history = backend.fit(model, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                          **_fit_kwargs(args, None))
-    from .train import RUN_FILES
+    from .data import FashionMNIST
+    from .train import RUN_FILES, prepare_run_dir
 
+    _check_numerics(args, [args.backend])
+
+    spec = _training_spec(args)
+    capabilities(args.backend).trainer_keywords(_fit_kwargs(args, None)["speed_ups"])  # --on/--off, no import
+    # Cheapest checks first: the run dir is created and test-written (and a leftover temporary file
+    # removed), then the data is read, and only then are the framework and the model paid for.
+    run_dir = prepare_run_dir(args.run_dir or default_run_dir(args.backend), resume=args.resume)
+    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
+    backend = load_backend(args.backend)
+    model = backend.build(spec, seed=args.seed, device=args.device)
+    history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                          **_fit_kwargs(args, None))
     print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")
-    return 130 if history.stopped else 0
+    return _stopped_status(history)
 
 
 def cmd_evaluate(args) -> int:
     from .data import FashionMNIST
     from .train import evaluate
+    from .weights import check_finite, load_weights_file
 
+    spec = _training_spec(args)
+    weights = load_weights_file(args.weights, spec)  # names, shapes, dtypes: before the data is read
+    check_finite(weights, source=str(args.weights))
     backend = load_backend(args.backend)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
-    model = backend.build(get_spec("book").with_input(1, args.input_size), weights=args.weights, device=args.device)
+    model = backend.build(spec, weights=weights, device=args.device)
     n = args.limit_test or len(data.test_labels)
     loss, acc = evaluate(backend, model, data.test_images[:n], data.test_labels[:n], progress=not args.no_progress)
     print(f"{backend.FRAMEWORK}: test loss {loss:.4f}, test accuracy {acc:.4f} on {n:,} images ({args.weights})")
+    if not np.isfinite(loss):
+        print(f"alexnet evaluate: diverged: the test loss of {args.weights} is {loss} (finite weights whose "
+              "logits overflow)", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
 def cmd_compare(args) -> int:
     from .data import FashionMNIST
     from .plots import plot_curves
+    from .train import prepare_run_dir
 
+    spec = _training_spec(args)
     _check_numerics(args, args.backends)
-    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
+    for name in args.backends:
+        capabilities(name).trainer_keywords(_fit_kwargs(args, name)["speed_ups"])
     run_dir = args.run_dir or default_run_dir("compare")
+    run_dirs = {name: prepare_run_dir(run_dir / name, resume=False) for name in args.backends}
+    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     histories = {}
     for name in args.backends:
         backend = load_backend(name)
-        model = backend.build(_training_spec(args), seed=args.seed, device=args.device)
-        histories[name] = backend.fit(model, data, run_dir=run_dir / name, **_fit_kwargs(args, name))
+        model = backend.build(spec, seed=args.seed, device=args.device)
+        histories[name] = history = backend.fit(model, data, run_dir=run_dirs[name], **_fit_kwargs(args, name))
+        if history.stopped:
+            return _stopped_status(history)
     plot = plot_curves(histories, run_dir / "compare.png")
     rows = [(name, h.last["train_loss"], h.last["test_loss"], h.last["test_acc"], h.last["images_per_s"],
              h.precision, h.math, h.device) for name, h in histories.items()]
@@ -227,26 +258,47 @@ def cmd_convert(args) -> int:
 
 
 # ---------------------------------------------------------------- export
-# How a consumer runs each artifact with its framework alone (x: float32 NCHW numpy, any batch size).
+# How a consumer runs each artifact with its framework alone, by the ending of its name (the records'
+# ``exports``); x: float32 numpy in the backend's layout (NHWC for the SavedModel, else NCHW), any batch size.
 ARTIFACT_LOADERS = {
     ".pt2": "torch.export.load(path).module()(torch.from_numpy(x))",
     ".onnx": f"onnxruntime.InferenceSession(path).run(None, {{'{ARTIFACT_INPUT}': x}})[0]",
+    "_savedmodel": f"tf.saved_model.load(path).signatures['serving_default']({ARTIFACT_INPUT}=tf.constant(x))"
+                   f"['{ARTIFACT_OUTPUT}']",
+    "-symbol.json": f"mx.gluon.SymbolBlock.imports(path, ['{ARTIFACT_INPUT}'], params_path)(mx.nd.array(x)) "
+                    f"(MXNet 1.9.1 on numpy >= 1.24: numpy.bool = bool before import mxnet)",
+    "-0000.params": "params_path: the weights of the -symbol.json beside it",
 }
 
 
+def artifact_loader(path: Path) -> str:
+    """How a consumer runs ``path``, by the ending of its name."""
+    for ending, loader in ARTIFACT_LOADERS.items():
+        if path.name.endswith(ending):
+            return loader
+    raise KeyError(f"{path.name}: no loader known for this artifact")  # pragma: no cover - a test holds the records
+
+
+def _artifact_bytes(path: Path) -> int:
+    """A file's size, or a folder's (a SavedModel) over every file in it."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def cmd_export(args) -> int:
-    from .io import check_writable
+    from .io import check_writable, remove_stale_temporaries
 
     spec = spec_from(args)
     check_writable(args.out)
+    remove_stale_temporaries(args.out)  # what a killed export left behind (a SavedModel is ~100 MB)
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=args.weights, device="cpu")  # the weights are checked before any file
     paths = backend.export_artifacts(model, args.out)
-    c, h, w = spec.input_shape
+    layout = backend.LAYOUT
+    dims = ", ".join(shapes.to_layout(("batch", *(str(d) for d in spec.input_shape)), layout))
     print(f"AlexNet ({spec.name}) with {backend.FRAMEWORK} from {args.weights}: input '{ARTIFACT_INPUT}' float32 "
-          f"(batch, {c}, {h}, {w}) NCHW, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
+          f"({dims}) {layout}, output '{ARTIFACT_OUTPUT}' (batch, {spec.num_classes}); inference mode")
     for path in paths:
-        print(f"  {path} ({human_bytes(path.stat().st_size)}): {ARTIFACT_LOADERS[path.suffix]}")
+        print(f"  {path} ({human_bytes(_artifact_bytes(path))}): {artifact_loader(path)}")
     return 0
 
 
@@ -317,8 +369,8 @@ def cmd_predict(args) -> int:
 
 
 # ---------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="layer table: shapes per backend, parameters, MACs, memory")
@@ -328,13 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1)
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("parity", help="compare every backend with the float64 reference, layer by layer")
+    p = sub.add_parser("parity", help="check every backend against the float64 oracle: layers, loss, gradients, SGD steps")
     add_spec_args(p)
     p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx")
     p.add_argument("--batch", type=positive_int, default=2)
-    p.add_argument("--seed", type=int, help="weights and input seed (default: random, printed for replay)")
+    p.add_argument("--seed", type=non_negative_int, help="weights and input seed (default: random, printed for replay)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative error (default 1e-4)")
+    p.add_argument("--scale-tolerances", type=positive_float, default=1.0, metavar="F",
+                   help="multiply every check's tolerance by F (default 1: the CPU-measured ones in the table)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with the book's recipe")
@@ -342,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="where metrics, curves and checkpoints go (default runs/BACKEND-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="also save the checkpoint after every N-th step inside an epoch (default: at epoch ends)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights")
@@ -363,14 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    loaders = "; ".join(f"{suffix}: {loader}" for suffix, loader in ARTIFACT_LOADERS.items())
+    loaders = "\n".join(f"  alexnet{ending}: {loader}" for ending, loader in ARTIFACT_LOADERS.items())
     p = sub.add_parser(
-        "export", help="deployable artifacts (torch.export .pt2, ONNX) that run without this project",
-        description="Write the framework's own deployable files for canonical weights, each taking any batch "
-                    f"size, in inference mode; a consumer needs only the framework. Run them with {loaders}.")
+        "export", help="deployable artifacts (torch.export .pt2, ONNX, TensorFlow SavedModel, MXNet symbol "
+                       "and params) that run without this project",
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # one line per artifact
+        description="Write the framework's own deployable files for canonical weights, each taking any batch\n"
+                    "size, in inference mode; a consumer needs only the framework. Input "
+                    f"'{ARTIFACT_INPUT}' float32 in the\nbackend's layout (NCHW: batch, C, H, W; NHWC: batch, "
+                    f"H, W, C), output '{ARTIFACT_OUTPUT}'. Run them with:\n{loaders}")
     p.add_argument("--backend", required=True, choices=exporting_backends(),
                    help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).exports)} "
-                                  f"({capabilities(n).framework})" for n in exporting_backends()))
+                                  f"({capabilities(n).framework}, input {capabilities(n).layout})"
+                                  for n in exporting_backends()))
     p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_spec_args(p)
@@ -412,18 +472,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """An error's message as one line: a list of problems (the weights checker's) joined by "; "."""
+    head, *rest = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return head + (" " + "; ".join(rest) if rest else "")
+
+
+def _raised_in(error: BaseException) -> str:
+    """The module whose code raised ``error`` (a framework's, for its own exceptions)."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb.tb_frame.f_globals.get("__name__", "?") if tb is not None else "?"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure is one line on stderr and an exit status (cli_args lists them)."""
     from .data import DataError
     from .shapes import InputTooSmallError
-    from .train import TrainingError
+    from .train import DivergedError, TrainingError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["alexnet", *argv])
+    prefix = f"alexnet {args.command}"
     try:
         return args.func(args)
+    except DivergedError as error:
+        print(f"{prefix}: diverged: {_one_line(error)}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (SpecError, InputTooSmallError, WeightsError, DataError, DeviceError, TrainingError,
             ImportError, ValueError, OSError) as error:
-        print(f"alexnet {args.command}: error: {error}", file=sys.stderr)
+        print(f"{prefix}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:  # outside the training loop (which saves and returns): nothing half-written
+        print(f"\n{prefix}: interrupted", file=sys.stderr)
+        return 128 + int(signal.SIGINT)
+    except Exception as error:  # a framework's own exception (out of memory, a CUDA error ...): one line
+        if os.environ.get("ALEXNET_DEBUG") == "1":
+            raise
+        print(f"{prefix}: failed: {type(error).__name__} in {_raised_in(error)}: "
+              f"{(str(error).strip().splitlines() or [''])[0]} (ALEXNET_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":  # pragma: no cover

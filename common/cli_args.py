@@ -7,6 +7,7 @@ and argument errors stay instant.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -14,8 +15,55 @@ from .backend import (BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, capabilit
                       training_backends)
 from .spec import VARIANTS, get_spec
 
-EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
+# Exit statuses of the `alexnet` command (the README's "what happens when" table lists them).
 EXIT_MISMATCH = 1  # a check ran and found a disagreement
+EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
+EXIT_DIVERGED = 3  # training stopped: a loss or a weight became NaN or infinite; the last finite checkpoint is kept
+EXIT_FAILURE = 4  # the framework (or this program) failed unexpectedly: one line; ALEXNET_DEBUG=1 shows the traceback
+# A run stopped by a signal exits 128 + its number, as a shell reports it: 130 for Ctrl-C (SIGINT), 143 for SIGTERM.
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse with its errors as one line (``alexnet train: error: argument --lr: ...``) and exit
+    status EXIT_ERROR; the usage it would print first is one ``--help`` away. Subcommand parsers
+    inherit the class."""
+
+    def error(self, message):
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (a learning rate, a tolerance)."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (weight decay)."""
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def momentum_value(text: str) -> float:
+    """SGD momentum: a number in [0, 1) (1 or more never forgets a gradient and diverges)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
 
 
 def int_list(text: str, *, name: str, count: int | None = None) -> tuple[int, ...]:

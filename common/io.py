@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -75,6 +76,58 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fsync_folder(path.parent)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (the folder included), deepest first."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync_file(Path(root) / name)
+        fsync_folder(Path(root))
+
+
+def _remove(path: Path) -> None:
+    """Delete a file or a whole folder; a missing one is no error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`atomic_path` for a writer that makes a whole folder (a TensorFlow SavedModel): yield
+    a temporary path beside ``path`` (not yet created; the writer creates it). When the block
+    ends normally every file in it is fsync'ed and the folder renamed to ``path``; on any
+    exception it is removed and ``path`` is left as it was. A folder cannot be renamed over a
+    non-empty one, so an existing ``path`` is first moved aside under a temporary name and
+    deleted after: a reader sees the old folder, for an instant none, or the new one, never a
+    partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        if not tmp.is_dir():
+            raise OSError(f"{path}: the writer produced no folder")
+        _fsync_tree(tmp)
+        old = None
+        if path.exists() or path.is_symlink():
+            old = temporary_name(path)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous version back
+                os.replace(old, path)
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    fsync_folder(path.parent)
+    if old is not None:
+        _remove(old)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces ``path`` only if the block succeeds."""
@@ -109,17 +162,18 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files that writers killed mid-write (SIGKILL, power cut) left in
-    ``folder``; a file whose writer process is still alive is left alone. Returns what was removed."""
+    """Delete the temporary files and folders (:func:`atomic_folder`'s) that writers killed
+    mid-write (SIGKILL, power cut) left in ``folder``; one whose writer process is still alive
+    is left alone. Returns what was removed."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
         match = _TEMP_NAME.match(entry.name)
-        if match and entry.is_file() and not _alive(int(match["pid"])):
-            with contextlib.suppress(OSError):
-                entry.unlink()
+        if match and (entry.is_file() or entry.is_dir()) and not _alive(int(match["pid"])):
+            _remove(entry)
+            if not entry.exists():
                 removed.append(entry)
     return removed
 
@@ -138,6 +192,6 @@ def check_writable(folder: str | os.PathLike, *, what: str = "output folder") ->
 
 
 __all__ = [
-    "TEMP_PREFIX", "atomic_file", "atomic_path", "check_writable", "fsync_folder", "remove_stale_temporaries",
+    "TEMP_PREFIX", "atomic_file", "atomic_folder", "atomic_path", "check_writable", "fsync_folder", "remove_stale_temporaries",
     "temporary_name", "write_bytes_atomic", "write_text_atomic",
 ]

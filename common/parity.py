@@ -1,8 +1,21 @@
-"""Numerical parity between backends and the float64 reference, used by ``alexnet parity`` and the tests.
+"""Numerical parity of every backend against the float64 oracle, ``common.reference``: the
+comparisons behind ``alexnet parity`` and the tests.
 
-Forward: every layer of every backend against ``common.reference`` (inference mode).
-Backward: each backend's loss and per-parameter gradients against the first backend's,
-with dropout off. Step: the weight change of one SGD step (lr 0.01), likewise.
+No backend is compared with another, so one backend alone is checked for real and a bug all
+three share still fails. Four checks, each with its own tolerance on the relative error
+||a - b|| / ||b|| (``TOLERANCES``; the measurements behind them are in docs/design.md):
+
+* forward: every layer's output in inference mode, at the spec's input size;
+* loss: the batch-mean cross-entropy from ``loss_and_grads`` and from each ``train_step``;
+* gradients: every parameter's gradient from ``loss_and_grads``;
+* steps: every parameter's change after ``STEPS`` steps of the backend's own Trainer (lr
+  0.01, momentum 0.9, weight decay 5e-4), against ``torch.optim.SGD``'s rule in float64.
+  The change, not the weights: a wrong step hides under the initial weights. A float32
+  program stores its weights rounded after every step, which no float64 change can match
+  when a parameter barely moves, so this tolerance is per parameter: the base plus that
+  rounding's bound, ``storage_floor`` (a weight-decay bug stays ~150 times above it).
+
+Training checks run with dropout off (``spec.with_dropout(0)``), on the spec's smallest input.
 """
 from __future__ import annotations
 
@@ -18,66 +31,159 @@ from .shapes import smallest_input
 from .spec import Dense, Flatten, MaxPool2d, ModelSpec, ReLU
 from .weights import init_weights, nhwc_flatten_permutation
 
+TRAIN_BATCH = 8
+STEPS = 3
 SGD_LR = 0.01
-TRAIN_BATCH = 8  # the issue's SGD-step batch
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
 
+# Inputs are drawn N(0, INPUT_STD^2). At unit scale LRN's sum term is ~1e-6 of k at
+# initialisation: LRN is then a constant factor and LRN with the wrong alpha convention would
+# pass unseen. At 10 that bug moves norm1 by 2e-4 (alpha/5) to 1e-3 (alpha*5); at 50 (the
+# 2012 paper's pixel scale) lr 0.01 overshoots (loss 2.8 -> 10.7 after one step).
+INPUT_STD = 10.0
+# Biases are drawn N(0, BIAS_STD^2) rather than left at their zero initialisation, so that a
+# bias that is dropped, broadcast over the wrong axis or not trained changes the numbers.
+BIAS_STD = 0.1
 
 # A ReLU input this close to zero, or a max-pool window whose two largest values are this
 # close (relative to the layer's largest value), can go either way in float32: one flipped
-# decision moves gradients by ~1e-4 to 1e-3. Training checks redraw such inputs rather than
-# loosen the tolerance. At 224x224 some of the ~10^6 pre-activations always lie that close,
-# so the training checks run on the spec's smallest input, where a clean draw is quick.
+# decision moves gradients by ~1e-4 to 1e-3. Training checks redraw such inputs (at every
+# step, under that step's weights) rather than loosen the tolerance. At 224x224 some of the
+# ~10^6 pre-activations always lie that close, so training checks use the smallest input.
 NEAR_TIE = 1e-6
 MAX_REDRAWS = 100
 
 
 @dataclass(frozen=True)
-class Case:
-    """One parity problem: weights, an NCHW input, labels and the reference's activations."""
+class Tolerances:
+    """Largest relative error each check accepts (float32 against float64); for ``steps`` the
+    base, to which each parameter's ``storage_floor`` is added."""
 
-    seed: int
-    weights: dict[str, np.ndarray]
-    x: np.ndarray
-    labels: np.ndarray
-    expected: dict[str, np.ndarray]
+    forward: float
+    loss: float
+    gradients: float
+    steps: float
+
+    def scaled(self, factor: float) -> "Tolerances":
+        return Tolerances(*(factor * value for value in (self.forward, self.loss, self.gradients, self.steps)))
 
 
-def near_tie_margin(spec: ModelSpec, activations: dict[str, np.ndarray]) -> float:
-    """Smallest distance of any ReLU or max-pool decision from a tie, relative to its layer's scale."""
-    margins = [1.0]
+TOLERANCES = Tolerances(forward=2e-5, loss=1e-5, gradients=2e-5, steps=1e-4)
+CHECKS = ("forward", "loss", "gradients", "steps")
+
+
+# --------------------------------------------------------------------------- the oracle's cases
+def parity_weights(spec: ModelSpec, seed: int) -> dict[str, np.ndarray]:
+    """``init_weights(spec, seed)`` with nonzero biases (float32, drawn from ``seed`` too)."""
+    weights = init_weights(spec, seed)
+    rng = np.random.default_rng([seed, 1 << 20])
+    for name, value in weights.items():
+        if name.endswith(".bias"):
+            weights[name] = (BIAS_STD * rng.standard_normal(value.shape)).astype(np.float32)
+    return weights
+
+
+def draw_batch(spec: ModelSpec, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    x = (INPUT_STD * rng.standard_normal((batch, *spec.input_shape))).astype(np.float32)
+    return x, rng.integers(0, spec.num_classes, size=batch)
+
+
+def near_tie_margins(spec: ModelSpec, activations: dict[str, np.ndarray]) -> np.ndarray:
+    """Per example: the smallest distance of any ReLU or max-pool decision from a tie, relative to
+    the largest value that example has at that layer."""
+    margins = np.ones(len(activations[spec.layers[0].name]))
     for prev, layer in zip(spec.layers, spec.layers[1:]):
         inputs = activations[prev.name]
-        scale = np.abs(inputs).max()
+        flat = inputs.reshape(len(inputs), -1)
+        scale = np.abs(flat).max(axis=1)
+        scale[scale == 0] = 1.0
         if isinstance(layer, ReLU):
-            margins.append(float(np.abs(inputs).min() / scale))
+            margins = np.minimum(margins, np.abs(flat).min(axis=1) / scale)
         elif isinstance(layer, MaxPool2d):
             (kh, kw), (sh, sw) = layer.kernel_size, layer.stride
             windows = sliding_window_view(inputs, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
-            top2 = np.partition(windows.reshape(*windows.shape[:4], -1), -2, axis=-1)[..., -2:]
-            decided = top2[..., 1] > 0  # an all-zero window routes into a ReLU whose gradient is 0 anyway
-            if decided.any():
-                margins.append(float((top2[..., 1] - top2[..., 0])[decided].min() / scale))
-    return min(margins)
+            top2 = np.partition(windows.reshape(len(inputs), -1, kh * kw), -2, axis=-1)[..., -2:]
+            gap = top2[..., 1] - top2[..., 0]
+            gap[top2[..., 1] <= 0] = np.inf  # an all-zero window routes into a ReLU whose gradient is 0 anyway
+            margins = np.minimum(margins, gap.min(axis=1) / scale)
+    return margins
 
 
-def make_case(spec: ModelSpec, seed: int, batch: int, *, screen: bool = False) -> Case:
-    """Weights, input and labels from ``seed`` alone, so a printed seed replays the same case.
-
-    With ``screen``, the input is redrawn (deterministically) until no ReLU or max-pool
-    decision is within NEAR_TIE of a tie; forward checks need no screening.
-    """
-    weights = init_weights(spec, seed)
-    for attempt in range(MAX_REDRAWS if screen else 1):
-        rng = np.random.default_rng([seed, attempt])
-        x = rng.standard_normal((batch, *spec.input_shape)).astype(np.float32)
-        labels = rng.integers(0, spec.num_classes, size=batch)
-        _, expected = reference.forward(spec, weights, x)
-        if not screen or near_tie_margin(spec, expected) > NEAR_TIE:
-            return Case(seed, weights, x, labels, expected)
-    raise RuntimeError(f"no input without ReLU/max-pool near-ties in {MAX_REDRAWS} draws for seed {seed}; "
-                       "use a smaller input or batch")
+def screened_batch(spec: ModelSpec, weights, seed: int, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, labels) from (seed, step) alone; each example is redrawn until none of its ReLU or
+    max-pool decisions under ``weights`` is within NEAR_TIE of a tie."""
+    rng = np.random.default_rng([seed, step])
+    x, labels = draw_batch(spec, rng, batch)
+    redraw = np.arange(batch)
+    for _ in range(MAX_REDRAWS):
+        redraw = redraw[near_tie_margins(spec, reference.forward(spec, weights, x[redraw])[1]) <= NEAR_TIE]
+        if not redraw.size:
+            return x, labels
+        x[redraw] = draw_batch(spec, rng, len(redraw))[0]
+    raise RuntimeError(f"no input without ReLU/max-pool near-ties in {MAX_REDRAWS} draws for seed {seed}, "
+                       f"step {step + 1}; use a smaller input")
 
 
+@dataclass(frozen=True)
+class Oracle:
+    """Everything the backends are compared with, from (spec, seed) alone: a printed seed replays it."""
+
+    seed: int
+    spec: ModelSpec  # the forward check's network, at the spec's input size
+    weights: dict[str, np.ndarray]
+    x: np.ndarray  # NCHW float32
+    activations: dict[str, np.ndarray]  # float64, by layer name
+    train_spec: ModelSpec  # the smallest input, dropout off
+    train_weights: dict[str, np.ndarray]
+    batches: tuple[tuple[np.ndarray, np.ndarray], ...]  # one per step, screened under that step's weights
+    loss: float  # loss_and_grads on batches[0] with train_weights
+    grads: dict[str, np.ndarray]
+    step_losses: tuple[float, ...]
+    change: dict[str, np.ndarray]  # weights after the steps minus train_weights, float64
+    storage_floor: dict[str, float]  # per parameter, added to the steps tolerance
+
+
+def storage_floor(start: np.ndarray, change: np.ndarray, steps: int) -> float:
+    """Bound on the relative error of a parameter's change that float32 storage alone causes:
+    each step rounds every weight by at most half an ulp (eps/2 of its size), so after ``steps``
+    steps ||rounding|| <= steps * eps/2 * ||w||, relative to ||change||. A weight-decay bug moves
+    the change by about lr * wd * (1 + 1.9 + 2.71) * ||w|| = 2.8e-5 ||w||: 150 times more."""
+    scale = np.linalg.norm(change)
+    final = np.linalg.norm(start + change)
+    return float(steps * np.finfo(np.float32).eps / 2 * final / scale) if scale else np.inf
+
+
+def forward_case(spec: ModelSpec, seed: int, batch: int = 2) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+    """(weights, NCHW input, float64 activations by layer name) of the forward check, from (spec, seed)."""
+    weights = parity_weights(spec, seed)
+    x, _ = draw_batch(spec, np.random.default_rng([seed, 1 << 21]), batch)
+    return weights, x, reference.forward(spec, weights, x)[1]
+
+
+def build_oracle(spec: ModelSpec, seed: int, *, batch: int = 2, steps: int = STEPS) -> Oracle:
+    """The float64 answers for ``spec``: forward at its input size (batch ``batch``), training on
+    its smallest input (batch TRAIN_BATCH, ``steps`` SGD steps, each batch screened for near-ties)."""
+    weights, x, activations = forward_case(spec, seed, batch)
+
+    train_spec = spec.with_input(spec.in_channels, *smallest_input(spec)).with_dropout(0.0)
+    train_weights = parity_weights(train_spec, seed)
+    optimizer = reference.SGD(train_weights, lr=SGD_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    batches, losses, first = [], [], None
+    for step in range(steps):
+        xs, labels = screened_batch(train_spec, optimizer.weights, seed, step, TRAIN_BATCH)
+        loss, grads = reference.loss_and_grads(train_spec, optimizer.weights, xs, labels)
+        first = first or (loss, grads)
+        optimizer.step(grads)
+        batches.append((xs, labels))
+        losses.append(loss)
+    change = {name: optimizer.weights[name] - train_weights[name] for name in train_weights}
+    floors = {name: storage_floor(train_weights[name], change[name], steps) for name in train_weights}
+    return Oracle(seed, spec, weights, x, activations, train_spec, train_weights, tuple(batches), first[0], first[1],
+                  tuple(losses), change, floors)
+
+
+# --------------------------------------------------------------------------- one backend
 def to_backend_layout(x_nchw: np.ndarray, layout: str) -> np.ndarray:
     return np.ascontiguousarray(reference.nchw_to_nhwc(x_nchw)) if layout == "NHWC" else x_nchw
 
@@ -104,113 +210,232 @@ def to_nchw_activation(spec: ModelSpec, name: str, value: np.ndarray, layout: st
     return reference.nhwc_to_nchw(value)
 
 
-def layer_errors(backend, model, x_nchw: np.ndarray, expected: dict[str, np.ndarray]) -> dict[str, float]:
-    """Relative error of each captured layer (and 'logits') against ``expected`` (NCHW)."""
-    spec = backend.model_spec(model)
-    logits, activations = backend.forward(model, to_backend_layout(x_nchw, backend.LAYOUT), capture=True)
-    errors = {name: reference.relative_error(to_nchw_activation(spec, name, value, backend.LAYOUT), expected[name])
-              for name, value in activations.items()}
-    errors["logits"] = reference.relative_error(logits, expected[spec.layers[-1].name])
-    return errors
+@dataclass
+class BackendResult:
+    """One backend's relative errors by check, then by layer, step or parameter name.
+
+    ``problems`` holds what has no number: a stage that raised, a shape or a name that does
+    not match the reference (the entry's error is then inf)."""
+
+    name: str
+    forward: dict[str, float] = field(default_factory=dict)
+    loss: dict[str, float] = field(default_factory=dict)
+    gradients: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)
+    problems: dict[tuple[str, str], str] = field(default_factory=dict)  # (check, name) -> what went wrong
+
+    def compare(self, check: str, name: str, actual, expected) -> None:
+        """Record the relative error of ``actual``; a missing value or a shape mismatch is a problem."""
+        errors = getattr(self, check)
+        if actual is None:
+            errors[name], self.problems[(check, name)] = np.inf, "missing"
+        elif np.shape(actual) != np.shape(expected):
+            errors[name] = np.inf
+            self.problems[(check, name)] = f"shape {np.shape(actual)}, reference {np.shape(expected)}"
+        else:
+            errors[name] = reference.relative_error(actual, expected)
+
+    def worst(self, check: str) -> float:
+        return max(getattr(self, check).values(), default=np.nan)
 
 
-def sgd_update(backend, model, x_nchw: np.ndarray, labels: np.ndarray, *, lr: float = SGD_LR) -> dict[str, np.ndarray]:
-    """new weights - old weights after one plain SGD step through the backend's own Trainer."""
-    before = backend.export_weights(model)
-    trainer = backend.make_trainer(model, lr=lr)
-    trainer.train_step(to_backend_layout(x_nchw, backend.LAYOUT), labels, seed=0)
-    after = backend.export_weights(model)
-    return {name: after[name].astype(np.float64) - before[name] for name in before}
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _record_forward(result: BackendResult, backend, model, x_nchw: np.ndarray, expected: dict) -> None:
+    """Every layer's output (and the logits) of ``model`` against the float64 ``expected``."""
+    spec, layout = backend.model_spec(model), backend.LAYOUT
+    logits, activations = backend.forward(model, to_backend_layout(x_nchw, layout), capture=True)
+    for layer in spec.layers:
+        value = activations.get(layer.name)
+        value = None if value is None else to_nchw_activation(spec, layer.name, value, layout)
+        result.compare("forward", layer.name, value, expected[layer.name])
+    result.compare("forward", "logits", logits, expected[spec.layers[-1].name])
+
+
+def layer_errors(backend, model, x_nchw: np.ndarray, expected: dict) -> dict[str, float]:
+    """Relative error of every layer (and the logits) of a built model against float64 activations
+    (``forward_case``): the forward check alone, for tests of one layer kind or one variant."""
+    result = BackendResult(backend.NAME)
+    _record_forward(result, backend, model, x_nchw, expected)
+    return result.forward
+
+
+def check_backend(backend, oracle: Oracle, *, device: str = "cpu") -> BackendResult:
+    """Every check of one backend against ``oracle``. A stage that raises is recorded, not raised."""
+    result = BackendResult(backend.NAME)
+    if device != "cpu":
+        backend.disable_tf32()  # the tolerances are float32's; TF32 would need ~1e-2
+    layout = backend.LAYOUT
+    try:
+        model = backend.build(oracle.spec, weights=oracle.weights, device=device)
+        _record_forward(result, backend, model, oracle.x, oracle.activations)
+        del model
+    except Exception as error:  # a backend bug must fail the check with its message, not end the run
+        result.problems[("forward", "forward")] = _first_line(error)
+    if not backend.CAPABILITIES.trains:  # an inference-only backend (ONNX Runtime): forward only, "-" below
+        return result
+
+    spec, (x0, labels0) = oracle.train_spec, oracle.batches[0]
+    try:
+        model = backend.build(spec, weights=oracle.train_weights, device=device)
+    except Exception as error:
+        result.problems[("gradients", "build")] = _first_line(error)
+        return result
+    try:
+        loss, grads = backend.loss_and_grads(model, to_backend_layout(x0, layout), labels0)
+        result.compare("loss", "loss_and_grads", loss, oracle.loss)
+        for name in oracle.grads:
+            result.compare("gradients", name, grads.get(name), oracle.grads[name])
+        for name in sorted(set(grads) - set(oracle.grads)):
+            result.problems[("gradients", name)] = "unexpected parameter"
+    except Exception as error:  # the steps are still checked: they do not depend on this stage
+        result.problems[("gradients", "loss_and_grads")] = _first_line(error)
+    try:
+        trainer = backend.make_trainer(model, lr=SGD_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        for step, ((x, labels), expected) in enumerate(zip(oracle.batches, oracle.step_losses)):
+            loss, _ = trainer.train_step(to_backend_layout(x, layout), labels, seed=step)
+            result.compare("loss", f"train_step {step + 1}", loss, expected)
+        after = backend.export_weights(model)
+        for name, start in oracle.train_weights.items():
+            change = None if name not in after else after[name].astype(np.float64) - start
+            result.compare("steps", name, change, oracle.change[name])
+    except Exception as error:
+        result.problems[("steps", "train_step")] = _first_line(error)
+    return result
+
+
+# --------------------------------------------------------------------------- the report
+@dataclass(frozen=True)
+class Failure:
+    backend: str
+    check: str  # one of CHECKS
+    name: str  # the layer, parameter or stage
+    error: float
+    tolerance: float
+    detail: str = ""
+
+    def __str__(self) -> str:
+        what = self.detail or f"{self.error:.2e} > {self.tolerance:.2g}"
+        return f"{self.backend} {self.check} {self.name}: {what}"
 
 
 @dataclass
 class ParityReport:
-    tolerance: float
-    seed: int
-    forward: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> layer -> error
-    loss: dict[str, float] = field(default_factory=dict)  # backend -> relative error vs the float64 loss
-    grads: dict[str, dict[str, float]] = field(default_factory=dict)  # backend -> param -> error vs baseline
-    step: dict[str, dict[str, float]] = field(default_factory=dict)
-    baseline: str | None = None
+    oracle: Oracle
+    tolerances: Tolerances
+    results: dict[str, BackendResult]
+    device: str = "cpu"
     text: str = ""
 
     @property
-    def worst(self) -> dict[str, float]:
-        worst: dict[str, float] = {}
-        for section in (self.forward, self.grads, self.step):
-            for name, errors in section.items():
-                worst[name] = max([worst.get(name, 0.0), *errors.values()])
-        for name, error in self.loss.items():
-            worst[name] = max(worst.get(name, 0.0), error)
-        return worst
+    def seed(self) -> int:
+        return self.oracle.seed
+
+    def tolerance(self, check: str, name: str) -> float:
+        """The tolerance of one entry: the check's, plus the storage floor for a parameter's steps."""
+        base = getattr(self.tolerances, check)
+        return base + self.oracle.storage_floor.get(name, 0.0) if check == "steps" else base
+
+    @property
+    def failures(self) -> list[Failure]:
+        """Every entry above its tolerance (or not finite) and every problem, in check and model order."""
+        failures = []
+        for result in self.results.values():
+            for check in CHECKS:
+                for name, error in getattr(result, check).items():
+                    tolerance = self.tolerance(check, name)
+                    if not (np.isfinite(error) and error <= tolerance):
+                        failures.append(Failure(result.name, check, name, error, tolerance,
+                                                result.problems.get((check, name), "")))
+                failures += [Failure(result.name, check, name, np.inf, getattr(self.tolerances, check), detail)
+                             for (where, name), detail in result.problems.items()
+                             if where == check and name not in getattr(result, check)]
+        return failures
 
     @property
     def passed(self) -> bool:
-        return all(np.isfinite(v) and v <= self.tolerance for v in self.worst.values())
+        return not self.failures
 
 
-def run_parity(spec: ModelSpec, backend_names: list[str], *, batch: int = 2, seed: int | None = None,
-               device: str = "cpu", tolerance: float = 1e-4) -> ParityReport:
-    """Build every backend on the same weights and input and measure how far each is from the others.
-
-    Forward: ``spec`` at its input size, batch ``batch``. Training: the smallest input, batch 8, screened.
-    """
-    seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else seed
-    forward_case = make_case(spec, seed, batch)
-    small = spec.with_input(spec.in_channels, *smallest_input(spec)).with_dropout(0.0)
-    train_case = make_case(small, seed, TRAIN_BATCH, screen=True)
-    expected_loss = reference.cross_entropy(train_case.expected[spec.layers[-1].name], train_case.labels)
-
-    report = ParityReport(tolerance, seed, baseline=backend_names[0])
-    base_grads = base_step = None
-    for name in backend_names:
-        backend = load_backend(name)
-        if device != "cpu":
-            backend.disable_tf32()  # the tolerance is float32's; TF32 would need ~1e-2
-        model = backend.build(spec, weights=forward_case.weights, device=device)
-        report.forward[name] = layer_errors(backend, model, forward_case.x, forward_case.expected)
-        model = backend.build(small, weights=train_case.weights, device=device)
-        loss, grads = backend.loss_and_grads(model, to_backend_layout(train_case.x, backend.LAYOUT), train_case.labels)
-        report.loss[name] = abs(loss - expected_loss) / abs(expected_loss)
-        step = sgd_update(backend, model, train_case.x, train_case.labels)
-        if base_grads is None:
-            base_grads, base_step = grads, step
-        report.grads[name] = {p: reference.relative_error(grads[p], base_grads[p]) for p in base_grads}
-        report.step[name] = {p: reference.relative_error(step[p], base_step[p]) for p in base_step}
-        del model
-    report.text = _render(spec, small, report, batch, device, expected_loss)
+def compare(oracle: Oracle, backends: list, *, device: str = "cpu", tolerances: Tolerances = TOLERANCES) -> ParityReport:
+    """Check each backend module in ``backends`` against ``oracle``."""
+    report = ParityReport(oracle, tolerances, {b.NAME: check_backend(b, oracle, device=device) for b in backends},
+                          device)
+    report.text = render(report)
     return report
 
 
-def _render(spec: ModelSpec, small: ModelSpec, report: ParityReport, batch: int, device: str,
-            expected_loss: float) -> str:
-    names = list(report.forward)
-    c, h, w = spec.input_shape
-    lines = [f"parity: AlexNet ({spec.name}) input {batch}x{c}x{h}x{w}, seed {report.seed} "
-             f"(replay with --seed {report.seed}), device {device}{'' if device == 'cpu' else ' (TF32 off)'}, tolerance {report.tolerance:g} "
-             f"(relative error ||a-b||/||b||)", "",
-             "forward, inference mode, each backend vs the float64 numpy reference:"]
-    layers = list(next(iter(report.forward.values())))
-    lines.append(format_table(["layer"] + names, [[layer] + [_fmt(report.forward[n][layer], report.tolerance)
-                                                             for n in names] for layer in layers]))
-    params = list(next(iter(report.grads.values())))
-    lines += ["", f"training, dropout off, input {TRAIN_BATCH}x{'x'.join(map(str, small.input_shape))} (the smallest, "
-                  "screened for ReLU/max-pool near-ties):",
-              f"loss vs the float64 reference ({expected_loss:.6f}): "
-              + ", ".join(f"{n} {_fmt(report.loss[n], report.tolerance)}" for n in names),
-              f"gradients and the weight change of one SGD step (lr {SGD_LR}) vs {report.baseline}:"]
-    rows = [[p] + [_fmt(report.grads[n][p], report.tolerance) for n in names]
-            + [_fmt(report.step[n][p], report.tolerance) for n in names]
-            for p in params]
-    lines.append(format_table(["parameter"] + [f"grad {n}" for n in names] + [f"step {n}" for n in names], rows))
-    worst = report.worst
-    lines += ["", "worst: " + ", ".join(f"{n} {worst[n]:.2e}" for n in names),
-              "PASS" if report.passed else f"FAIL: errors above {report.tolerance:g} are marked FAIL"]
+def run_parity(spec: ModelSpec, backend_names: list[str], *, batch: int = 2, seed: int | None = None,
+               device: str = "cpu", tolerances: Tolerances = TOLERANCES, steps: int = STEPS) -> ParityReport:
+    """Check every named backend against the float64 oracle for ``spec`` (seed: random if None, printed)."""
+    seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else seed
+    oracle = build_oracle(spec, seed, batch=batch, steps=steps)
+    return compare(oracle, [load_backend(name) for name in backend_names], device=device, tolerances=tolerances)
+
+
+def render(report: ParityReport) -> str:
+    oracle, tol, names = report.oracle, report.tolerances, list(report.results)
+    results = [report.results[n] for n in names]
+    c, h, w = oracle.spec.input_shape
+    steps = len(oracle.batches)
+
+    def cells(check: str, key: str) -> list[str]:
+        tolerance = report.tolerance(check, key)
+        out = []
+        for result in results:
+            error = getattr(result, check).get(key)
+            out.append("-" if error is None else f"{error:.2e}" + ("" if np.isfinite(error) and error <= tolerance
+                                                                   else " FAIL"))
+        return out
+
+    lines = [f"parity: AlexNet ({oracle.spec.name}), seed {oracle.seed} (replay with --seed {oracle.seed}), "
+             f"device {report.device}{'' if report.device == 'cpu' else ' (TF32 off)'}; every backend against the "
+             f"float64 numpy oracle (common/reference.py); relative error ||a-b||/||b||; inputs N(0, {INPUT_STD:g}^2), "
+             f"biases N(0, {BIAS_STD:g}^2)", "",
+             f"forward, inference mode, input {len(oracle.x)}x{c}x{h}x{w} (tolerance {tol.forward:g}):"]
+    layers = [layer.name for layer in oracle.spec.layers] + ["logits"]
+    lines.append(format_table(["layer"] + names, [[layer] + cells("forward", layer) for layer in layers]))
+    ts = oracle.train_spec
+    lines += ["", f"training, dropout off, input {TRAIN_BATCH}x{'x'.join(map(str, ts.input_shape))} (the smallest; each "
+                  f"step's batch screened for ReLU/max-pool near-ties), {steps} SGD steps with lr {SGD_LR:g}, momentum "
+                  f"{MOMENTUM:g}, weight decay {WEIGHT_DECAY:g}:",
+              f"loss (tolerance {tol.loss:g}); float64 values: loss_and_grads {oracle.loss:.6f}, train_steps "
+              + ", ".join(f"{v:.6f}" for v in oracle.step_losses)]
+    keys = ["loss_and_grads"] + [f"train_step {i + 1}" for i in range(steps)]
+    lines.append(format_table(["loss"] + names, [[key] + cells("loss", key) for key in keys]))
+    lines += ["", f"gradients of loss_and_grads (tolerance {tol.gradients:g}) and the change of every parameter after "
+                  f"{steps} train_steps (tolerance {tol.steps:g} + the parameter's float32 storage floor = steps tol):"]
+    rows = [[p] + cells("gradients", p) + cells("steps", p) + [f"{report.tolerance('steps', p):.1e}"]
+            for p in oracle.grads]
+    lines.append(format_table(["parameter"] + [f"grad {n}" for n in names] + [f"steps {n}" for n in names]
+                              + ["steps tol"], rows))
+
+    def worst(result: BackendResult, check: str) -> str:
+        if not getattr(result, check):
+            return "-"  # not checked: an inference-only backend's training checks
+        if check != "steps":
+            return f"{result.worst(check):.2e}"
+        ratios = {n: e / report.tolerance(check, n) for n, e in result.steps.items()}
+        return f"{max(ratios.values()):.2f} of tol" if ratios else "-"
+
+    lines += ["", "worst of each check, and its tolerance:"]
+    lines.append(format_table(["check"] + names + ["tolerance"],
+                              [[check] + [worst(r, check) for r in results]
+                               + [f"{getattr(tol, check):g}" + (" + floor" if check == "steps" else "")]
+                               for check in CHECKS]))
+    failures = report.failures
+    if failures:
+        lines += ["", f"{len(failures)} failure(s):"] + [f"  {failure}" for failure in failures[:30]]
+        if len(failures) > 30:
+            lines.append(f"  ... and {len(failures) - 30} more")
+        lines.append(f"FAIL: {', '.join(sorted({f.backend for f in failures}))} outside the tolerances above")
+    else:
+        lines.append(f"PASS: {', '.join(names)} within every tolerance")
     return "\n".join(lines)
 
 
-def _fmt(error: float, tolerance: float) -> str:
-    return f"{error:.2e}" + ("" if np.isfinite(error) and error <= tolerance else " FAIL")
-
-
-__all__ = ["ParityReport", "layer_errors", "run_parity", "sgd_update", "to_backend_layout"]
+__all__ = ["BackendResult", "Failure", "Oracle", "ParityReport", "TOLERANCES", "Tolerances", "build_oracle",
+           "check_backend", "compare", "forward_case", "layer_errors", "run_parity", "to_backend_layout"]

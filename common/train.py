@@ -2,8 +2,21 @@
 
 A backend supplies a Trainer (prepare, train_step, eval_step, optimizer state); this
 module owns everything else: batch order, progress bar, metrics files, curves, atomic
-checkpoints, exact resume, Ctrl-C and divergence handling. So the three frameworks see
+checkpoints, exact resume, signals and divergence handling. So the three frameworks see
 the same batches in the same order and keep the same records by construction.
+
+Faults, and what survives them:
+
+* A checkpoint is written only when the test loss and every array in it (weights, momentum
+  buffers) are finite. A NaN or infinite training loss, test loss or weight stops the run
+  with :class:`DivergedError`, naming the last checkpoint, which is finite and untouched.
+* Ctrl-C (SIGINT) and SIGTERM stop at the next batch boundary (training or test batch) and
+  save there; a second signal stops at once without saving. ``History.stopped`` names the
+  signal (the CLI exits 128 + its number: 130, 143).
+* Every file is written through ``common.io`` (complete or not at all): a run killed while
+  saving keeps its previous checkpoint, and the temporary file it leaves is removed when the
+  run directory is next used. The run directory is created and test-written before any data
+  is loaded; a full disk becomes a TrainingError naming what is kept.
 """
 from __future__ import annotations
 
@@ -12,20 +25,24 @@ import io
 import json
 import math
 import os
+import platform
+import shlex
 import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from . import data as fmnist
-from .backend import device_description, effective_math
-from .io import write_text_atomic
-from .weights import read_npz, save_weights
+from .backend import effective_math
+from .io import check_writable, remove_stale_temporaries, write_text_atomic
+from .machine import cpu_model
+from .spec import Dropout
+from .weights import check_finite, non_finite, read_npz, save_weights
 
 CHECKPOINT = "checkpoint.npz"
 METRICS_CSV = "metrics.csv"
@@ -35,10 +52,19 @@ CURVES_PNG = "curves.png"
 RUN_FILES = (METRICS_CSV, METRICS_JSON, STEPS_CSV, CURVES_PNG, CHECKPOINT)
 OPTIM_PREFIX = "optim/"
 META_PREFIX = "meta/"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (diverged, or a resume that does not match its run)."""
+    """Training cannot go on (a resume that does not match its run, a run dir that cannot be written)."""
+
+
+class DivergedError(TrainingError):
+    """A training loss, test loss or weight became NaN or infinite; the last finite checkpoint is kept."""
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -55,9 +81,14 @@ class TrainConfig:
     limit_train: int | None = None
     limit_test: int | None = None
     input_size: tuple[int, int] = (224, 224)
-    math: str = "fp32"  # the float32 math mode in effect (common.backend.effective_math)
-    # The trainer's speed options as resolved (Trainer.options): they change the rounding, so a
-    # resumed run repeats an uninterrupted one bit for bit only with the same ones.
+    # The model: which AlexNet, its input channels, classes and dropout rates (per Dropout layer).
+    variant: str = "book"
+    in_channels: int = 1
+    num_classes: int = 10
+    dropout: tuple[float, ...] = (0.5, 0.5)
+    math: str = "fp32"  # the float32 math mode in effect (common.backend.effective_math: fp32 on a CPU)
+    # The trainer's speed options as resolved (Trainer.options, precision included): they change the
+    # rounding, so a resumed run repeats an uninterrupted one bit for bit only with the same ones.
     trainer_options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
@@ -68,33 +99,60 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not (_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not 0 <= self.momentum < 1:
+        if not (_finite_number(self.momentum) and 0 <= self.momentum < 1):
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+
+    @classmethod
+    def of(cls, backend: str, spec, **settings) -> "TrainConfig":
+        """The config of training ``spec`` with ``settings`` (the fit keywords of the same names)."""
+        dropout = tuple(float(layer.rate) for layer in spec.layers if isinstance(layer, Dropout))
+        return cls(backend, input_size=tuple(spec.input_size), variant=spec.name, in_channels=spec.in_channels,
+                   num_classes=spec.num_classes, dropout=dropout, **settings)
 
     def comparable(self) -> dict[str, Any]:
         """The fields a resumed run must share with the run it continues (epochs may grow)."""
         fields = asdict(self)
         fields.pop("epochs")
         fields["input_size"] = list(self.input_size)
+        fields["dropout"] = list(self.dropout)
         fields["trainer_options"] = dict(self.trainer_options)
         return fields
 
 
 @dataclass
 class History:
-    """Per-epoch metrics rows (metrics.csv/json) and per-step training loss (steps.csv)."""
+    """Per-epoch metrics rows (metrics.csv/json) and per-step training loss (steps.csv).
+
+    ``config`` is the run's recipe (``TrainConfig.comparable()`` and the epochs asked for);
+    ``sessions`` has one record per start or resume: when, the command line, framework and
+    version, the device actually used (CPU model or GPU name). metrics.json holds all three."""
 
     backend: str
     rows: list[dict[str, float]] = field(default_factory=list)
     steps: list[dict[str, float]] = field(default_factory=list)  # epoch progress (1.5 = mid epoch 2), loss, acc
-    stopped: str | None = None  # "interrupted" when Ctrl-C ended the run
-    device: str = ""  # where the parameters really were: "gpu: <name>" or "cpu: <model>"
-    precision: str = "fp32"
-    math: str = "fp32"  # "tf32" only on a GPU asked for it
+    stopped: str | None = None  # "SIGINT" or "SIGTERM" when a signal ended the run
+    config: dict[str, Any] = field(default_factory=dict)
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        """Where the latest session computed: "cpu: <model>" or "gpu: <name>"."""
+        session = self.sessions[-1] if self.sessions else {}
+        return f"{session.get('device', '?')}: {session.get('device_name', '?')}"
+
+    @property
+    def precision(self) -> str:
+        return self.config.get("trainer_options", {}).get("precision", "fp32")
+
+    @property
+    def math(self) -> str:
+        return self.config.get("math", "fp32")
 
     @property
     def last(self) -> dict[str, float]:
@@ -106,17 +164,38 @@ def step_seed(seed: int, epoch: int, batch: int) -> int:
     return int(np.random.default_rng([seed, epoch, batch]).integers(0, 2**31 - 1))
 
 
+class _StopRequested(Exception):
+    """Raised by the loop at a batch boundary after a first SIGINT/SIGTERM."""
+
+
 def evaluate(backend, model, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
-             trainer=None, progress: bool = False) -> tuple[float, float]:
-    """(mean loss, accuracy) in inference mode over ``images``."""
+             trainer=None, progress: bool = False, should_stop: Callable[[], bool] | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) in inference mode over ``images``. ``should_stop`` is asked between
+    batches (``fit`` passes its signal flag, so a stop does not wait for the whole test set)."""
     trainer = trainer or backend.make_trainer(model, lr=0.01)
     loss_sum, correct = 0.0, 0
     starts = range(0, len(labels), batch_size)
     for start in _progress(starts, progress, desc=f"{backend.NAME} eval", unit="batch"):
+        if should_stop is not None and should_stop():
+            raise _StopRequested
         chunk = slice(start, start + batch_size)
         loss, right = trainer.eval_step(trainer.prepare(images[chunk]), labels[chunk])
         loss_sum, correct = loss_sum + loss, correct + right
     return loss_sum / len(labels), correct / len(labels)
+
+
+def prepare_run_dir(run_dir: str | os.PathLike, *, resume: bool) -> Path:
+    """Before any data is loaded or model built: create ``run_dir`` and prove a file can be
+    written there, remove what writers killed mid-save left behind, and check that a checkpoint
+    is there exactly when resuming. Errors name the folder or file."""
+    run = check_writable(run_dir, what="run directory")
+    remove_stale_temporaries(run)
+    checkpoint = run / CHECKPOINT
+    if resume and not checkpoint.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {checkpoint}")
+    if not resume and checkpoint.exists():
+        raise TrainingError(f"{checkpoint} exists: pass resume (--resume) to continue it, or use a new run dir")
+    return run
 
 
 def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int = 10, batch_size: int = 128,
@@ -124,46 +203,58 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
         run_dir: str | os.PathLike | None = None, resume: bool = False, limit_train: int | None = None,
         limit_test: int | None = None, data_dir: str | os.PathLike | None = None,
         progress: bool = True, speed_ups: Mapping[str, bool] | None = None,
-        log_epochs: bool | None = None, precision: str = "fp32", math_mode: str = "fp32") -> History:
+        log_epochs: bool | None = None, precision: str = "fp32", math_mode: str = "fp32",
+        checkpoint_every: int | None = None, command: str | None = None) -> History:
     """Train ``model`` with the book's recipe by default (SGD lr 0.01, batch 128, 10 epochs).
 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
-    every epoch (the checkpoint atomically); ``resume=True`` continues from its checkpoint
+    every epoch (the checkpoint atomically, and only when finite); ``checkpoint_every=N`` also
+    saves after every N-th step inside an epoch. ``resume=True`` continues from the checkpoint
     with the very batches an uninterrupted run would have used next. ``speed_ups`` switches the
     backend's speed-ups against its defaults (``backend.CAPABILITIES.speed_ups``, e.g. ``{"xla": False}``).
     ``progress`` shows progress bars; ``log_epochs`` (default: as ``progress``) prints a line per epoch.
     ``precision`` ("fp32", "bf16", "fp16": the backend's ``CAPABILITIES.precisions``) and ``math_mode``
     ("fp32" or "tf32" float32 math on GPUs) are checked before any data is loaded.
+    ``command`` is recorded as the command line (default: this process's ``sys.argv``).
+    Raises DivergedError on NaN/inf (the module docstring lists every fault and what is kept).
     """
     log_epochs = progress if log_epochs is None else log_epochs
     keywords = backend.CAPABILITIES.trainer_keywords(speed_ups or {})
     backend.CAPABILITIES.check_precision(precision)
     backend.set_math_mode(math_mode)
     spec = backend.model_spec(model)
-    device = device_description(backend, model)
-    math_mode = effective_math(math_mode, "gpu" if device.startswith("gpu") else "cpu")
-    config = TrainConfig(backend.NAME, epochs, batch_size, lr, momentum, weight_decay, seed,
-                         limit_train, limit_test, spec.input_size, math_mode)
-    if resume and run_dir is None:
-        raise ValueError("resume=True needs the run_dir that holds the checkpoint")
+    on_gpu = "gpu" in backend.parameter_devices(model)
+    config = TrainConfig.of(backend.NAME, spec, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                            weight_decay=weight_decay, seed=seed, limit_train=limit_train, limit_test=limit_test,
+                            math=effective_math(math_mode, "gpu" if on_gpu else "cpu"))
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if (resume or checkpoint_every) and run_dir is None:
+        raise ValueError("resume and checkpoint_every need the run_dir that holds the checkpoint")
+    run = prepare_run_dir(run_dir, resume=resume) if run_dir is not None else None
     data = data if data is not None else fmnist.FashionMNIST.load(data_dir, progress=progress)
     train_x, train_y = data.train_images[:limit_train], data.train_labels[:limit_train]
     test_x, test_y = data.test_images[:limit_test], data.test_labels[:limit_test]
     trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
                                    **keywords)
     config = replace(config, trainer_options=tuple(sorted(trainer.options.items())))
-    run = Path(run_dir) if run_dir is not None else None
-    history = History(backend.NAME, device=device, precision=precision, math=math_mode)
+    history = History(backend.NAME, config={**config.comparable(), "epochs": epochs})
+    batches_per_epoch = fmnist.num_batches(len(train_y), batch_size, drop_last=False)
     position = _Position()
     if resume:
-        position, history.rows, history.steps = _restore(run, config, backend, model, trainer)
-    elif run is not None and (run / CHECKPOINT).exists():
-        raise TrainingError(f"{run / CHECKPOINT} exists: pass resume (--resume) to continue it, or use a new run dir")
+        position, history.rows, history.steps, history.sessions = _restore(run, config, backend, model, trainer)
+        if position.epoch >= epochs:
+            raise TrainingError(f"{run / CHECKPOINT} has finished {position.epoch} epoch(s) already; "
+                                f"ask for more (--epochs, now {epochs}) to train further")
+    history.sessions.append(_session(backend, model, command))
+    saved = _Saved(run, batches_per_epoch, _copy(position) if resume else None)
 
-    batches_per_epoch = fmnist.num_batches(len(train_y), batch_size, drop_last=False)
-    interrupt = _InterruptAtBatchEnd()
-    try:
-        with interrupt:
+    def save(*, plot: bool = True) -> None:
+        _save_run(run, config, backend, model, trainer, position, history, saved, plot=plot)
+
+    stop = _StopOnSignal()
+    with stop:
+        try:
             for epoch in range(position.epoch, epochs):
                 started = time.perf_counter()
                 bar = _progress(
@@ -176,21 +267,28 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                         trainer.prepare(train_x[indices]), train_y[indices], seed=step_seed(seed, epoch, position.batch)
                     )
                     if not math.isfinite(loss):
-                        where = f"epoch {epoch + 1}, batch {position.batch + 1}"
-                        kept = f"; the last good checkpoint is {run / CHECKPOINT}" if run and (run / CHECKPOINT).exists() else ""
-                        raise TrainingError(f"loss became {loss} at {where} (lr {lr} too high?){kept}")
+                        raise DivergedError(f"training loss became {loss} at epoch {epoch + 1}, batch "
+                                            f"{position.batch + 1} (lr {lr} too high?); {saved.describe()}")
                     position.advance(loss, correct, len(indices))
                     history.steps.append({"epoch": epoch + position.batch / batches_per_epoch, "loss": loss,
                                           "acc": correct / len(indices)})
-                    if interrupt.requested:
-                        raise KeyboardInterrupt
+                    if stop.requested:
+                        raise _StopRequested
+                    done = epoch * batches_per_epoch + position.batch
+                    if checkpoint_every and done % checkpoint_every == 0 and position.batch < batches_per_epoch:
+                        save(plot=False)
+                        if stop.requested:
+                            raise _StopRequested
                     if hasattr(bar, "set_postfix"):
                         elapsed = time.perf_counter() - started
                         bar.set_postfix(loss=f"{position.loss_sum / position.seen:.4f}",
                                         acc=f"{position.correct / position.seen:.3f}",
                                         img_s=f"{position.seen_this_session / max(elapsed, 1e-9):.1f}")
                 seconds = time.perf_counter() - started
-                test_loss, test_acc = evaluate(backend, model, test_x, test_y, trainer=trainer, progress=progress)
+                test_loss, test_acc = evaluate(backend, model, test_x, test_y, trainer=trainer, progress=progress,
+                                               should_stop=lambda: bool(stop.requested))
+                if not math.isfinite(test_loss):
+                    raise DivergedError(f"test loss became {test_loss} after epoch {epoch + 1}; {saved.describe()}")
                 history.rows.append({
                     "epoch": epoch + 1,
                     "train_loss": position.loss_sum / position.seen,
@@ -202,47 +300,70 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                 })
                 position = _Position(epoch + 1)
                 if run is not None:
-                    _save_run(run, config, backend, model, trainer, position, history)
-                if interrupt.requested:
-                    raise KeyboardInterrupt
+                    save()
+                if stop.requested:
+                    raise _StopRequested
                 if log_epochs:
                     row = history.last
                     print(f"{backend.NAME} epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
                           f"acc {row['train_acc']:.3f}, test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f}, "
                           f"{row['images_per_s']:.1f} images/s")
-    except KeyboardInterrupt:
-        history.stopped = "interrupted"
-        if run is not None and position.seen and not interrupt.forced:
-            _save_run(run, config, backend, model, trainer, position, history)
-        if run is not None and (run / CHECKPOINT).exists():
-            print(f"\nstopped: {run / CHECKPOINT} holds the run up to its last completed step; continue with --resume")
+        except (_StopRequested, KeyboardInterrupt):
+            # KeyboardInterrupt: a second signal (stop at once), or one raised outside our handler
+            history.stopped = stop.name or "SIGINT"
+            forced = stop.forced or not stop.requested
+            if run is not None and not forced and saved.at != position.where:
+                try:  # the handler is still installed: one more signal interrupts this save, cleanly
+                    save()
+                except KeyboardInterrupt:
+                    forced = True
+            note = "not saved (stopped at once); " if run is not None and saved.at != position.where else ""
+            _say(f"stopped by {history.stopped}: {note}{saved.describe()}"
+                 + ("; continue with --resume\n" if saved.at is not None else "\n"))
     return history
 
 
-class _InterruptAtBatchEnd:
-    """The first Ctrl-C asks the loop to stop after the current step, so a checkpoint never
-    holds a half-applied update; a second one stops at once without saving."""
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM (kill, docker stop, batch schedulers) ask the loop to stop at the
+    next batch boundary and save, so a checkpoint never holds a half-applied update; a second
+    signal stops at once without saving (an interrupted save leaves the previous checkpoint)."""
 
     def __init__(self):
         self.requested = self.forced = False
-        self._previous = None
+        self.name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.forced:
+            return  # already stopping at once
         if self.requested:
             self.forced = True
+            _say(f"\n{name} again: stopping at once, without saving\n")
             raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: stopping after this step and saving (press again to stop at once)", flush=True)
+        self.requested, self.name = True, name
+        again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
+        _say(f"\n{name}: stopping after this step and saving ({again} to stop at once)\n")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
+
+
+def _say(text: str) -> None:
+    """A status line on stderr, written without Python's buffered streams: safe from a signal
+    handler that interrupts another write (tqdm writes to stderr all the time)."""
+    try:
+        os.write(sys.stderr.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # a captured or closed stream
+        print(text, end="", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -263,26 +384,87 @@ class _Position:
         self.seen += count
         self.seen_this_session += count
 
+    @property
+    def where(self) -> tuple[int, int]:
+        return self.epoch, self.batch
 
-def _save_run(run: Path, config: TrainConfig, backend, model, trainer, position: _Position, history: History) -> None:
+
+def _copy(position: _Position) -> _Position:
+    return replace(position)
+
+
+def describe_position(epoch: int, batch: int, batches_per_epoch: int) -> str:
+    """"the end of epoch 2", or "epoch 3, batch 5 of 469" (epoch and batch as a checkpoint stores them)."""
+    if batch == 0:
+        return f"the end of epoch {epoch}" if epoch else "the start"
+    return f"epoch {epoch + 1}, batch {batch} of {batches_per_epoch}"
+
+
+class _Saved:
+    """Where the checkpoint on disk stands (None: none written), for messages that name it truly."""
+
+    def __init__(self, run: Path | None, batches_per_epoch: int, position: _Position | None):
+        self.run, self.batches_per_epoch = run, batches_per_epoch
+        self.at = position.where if position is not None else None
+
+    def describe(self) -> str:
+        if self.run is None:
+            return "nothing was saved (no run directory)"
+        if self.at is None:
+            return f"no checkpoint was written to {self.run}"
+        return f"the last finite checkpoint, {self.run / CHECKPOINT}, holds {describe_position(*self.at, self.batches_per_epoch)}"
+
+
+def _session(backend, model, command: str | None) -> dict[str, Any]:
+    """This start or resume: when, the command line, framework and version, the device actually used."""
+    device = "gpu" if "gpu" in backend.parameter_devices(model) else "cpu"
+    info = backend.runtime_info(device)
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "backend": backend.NAME,
+        "framework": info.get("framework", backend.FRAMEWORK),
+        "device": device,
+        "device_name": backend.gpu_status().detail if device == "gpu" else cpu_model(),
+        "python": platform.python_version(),
+        "runtime": info,
+    }
+
+
+def _save_run(run: Path, config: TrainConfig, backend, model, trainer, position: _Position, history: History,
+              saved: _Saved, *, plot: bool = True) -> None:
+    """The checkpoint (only if every array is finite), then the metrics and, with ``plot``, the curves."""
+    where = describe_position(*position.where, saved.batches_per_epoch)
+    weights = backend.export_weights(model)
+    optim = {f"{OPTIM_PREFIX}{name}": value for name, value in trainer.optimizer_state().items()}
+    bad = non_finite({**weights, **optim})
+    if bad:
+        raise DivergedError(f"non-finite values (NaN or infinity) in {', '.join(bad)} at {where}, not saved; "
+                            f"{saved.describe()}")
     meta = {
         f"{META_PREFIX}config": np.array(json.dumps(config.comparable())),
         f"{META_PREFIX}position": np.array([position.epoch, position.batch, position.correct, position.seen], np.int64),
         f"{META_PREFIX}loss_sum": np.array(position.loss_sum, np.float64),
         f"{META_PREFIX}history": np.array(json.dumps({"rows": history.rows, "steps": history.steps})),
+        f"{META_PREFIX}sessions": np.array(json.dumps(history.sessions, default=str)),
     }
-    optim = {f"{OPTIM_PREFIX}{name}": value for name, value in trainer.optimizer_state().items()}
-    save_weights(run / CHECKPOINT, backend.export_weights(model), **optim, **meta)
-    write_metrics(run, history)
-    from .plots import plot_curves  # matplotlib is imported only when a run dir asks for a plot
+    try:
+        save_weights(run / CHECKPOINT, weights, **optim, **meta)
+        saved.at = position.where
+        write_metrics(run, history)
+        if plot:
+            from .plots import plot_curves  # matplotlib is imported only when a run dir asks for a plot
 
-    plot_curves({backend.NAME: history}, run / CURVES_PNG)
+            plot_curves({backend.NAME: history}, run / CURVES_PNG)
+    except OSError as error:  # a full disk, a folder gone: the atomic writer has left the old files
+        raise TrainingError(f"could not save the run at {where} ({error.strerror or error}); "
+                            f"{saved.describe()}") from None
 
 
-def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_Position, list[dict], list[dict]]:
+def _restore(run: Path, config: TrainConfig, backend, model, trainer):
+    """Position, history rows, steps and sessions from the checkpoint, after checking it belongs
+    to this run (same recipe) and is finite; then the weights and optimizer state are loaded."""
     path = run / CHECKPOINT
-    if not path.exists():
-        raise TrainingError(f"--resume: no checkpoint at {path}")
     arrays = read_npz(path)
     try:
         saved = json.loads(str(arrays[f"{META_PREFIX}config"]))
@@ -290,24 +472,28 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer) -> tuple[_
         loss_sum = float(arrays[f"{META_PREFIX}loss_sum"])
         saved_history = json.loads(str(arrays[f"{META_PREFIX}history"]))
         rows, steps = saved_history["rows"], saved_history["steps"]
+        sessions = json.loads(str(arrays[f"{META_PREFIX}sessions"])) if f"{META_PREFIX}sessions" in arrays else []
     except (KeyError, TypeError, ValueError) as error:
-        raise TrainingError(f"{path}: not a training checkpoint of this project ({error})") from None
+        raise TrainingError(f"{path}: not a training checkpoint of this project (missing or bad {error})") from None
     wanted = config.comparable()
-    saved.setdefault("trainer_options", wanted["trainer_options"])  # checkpoints from before they were recorded
-    saved.setdefault("math", "fp32")  # likewise: before the math mode was recorded, float32 was strict
+    for name in wanted:  # checkpoints from before a field was recorded cannot be checked on it
+        saved.setdefault(name, wanted[name])
     differences = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differences:
-        raise TrainingError(f"{path} was written by a different run; resume with the same settings:\n  "
-                            + "\n  ".join(differences))
+        raise TrainingError(f"{path} was written by a different run ({'; '.join(differences)}); "
+                            f"resume with the same settings")
+    check_finite(arrays, source=str(path))
     backend.load_weights(model, {k: v for k, v in arrays.items() if "/" not in k})
     trainer.load_optimizer_state({k[len(OPTIM_PREFIX):]: v for k, v in arrays.items() if k.startswith(OPTIM_PREFIX)})
-    return _Position(epoch, batch, loss_sum, correct, seen), rows, steps
+    return _Position(epoch, batch, loss_sum, correct, seen), rows, steps, sessions
 
 
 def write_metrics(run: Path, history: History) -> None:
-    """metrics.json, metrics.csv (per epoch) and steps.csv (per step), each replaced atomically."""
+    """metrics.json ({"config", "sessions", "epochs": rows}), metrics.csv (per epoch) and steps.csv
+    (per step), each replaced atomically."""
     run.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run / METRICS_JSON, json.dumps(history.rows, indent=2) + "\n")
+    record = {"config": history.config, "sessions": history.sessions, "epochs": history.rows}
+    write_text_atomic(run / METRICS_JSON, json.dumps(record, indent=2, default=str) + "\n")
     for name, rows in ((METRICS_CSV, history.rows), (STEPS_CSV, history.steps)):
         if rows:
             text = io.StringIO()

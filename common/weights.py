@@ -104,6 +104,24 @@ def check_weights(spec: ModelSpec, weights: Mapping[str, np.ndarray], *, source:
     check_arrays(spec, expected_shapes(spec), {k: np.asarray(v) for k, v in weights.items()}, source=source)
 
 
+def non_finite(arrays: Mapping[str, object]) -> list[str]:
+    """The names of the floating-point arrays in ``arrays`` that hold a NaN or an infinity."""
+    bad = []
+    for name, value in arrays.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad.append(name)
+    return bad
+
+
+def check_finite(arrays: Mapping[str, object], *, source: str) -> None:
+    """Raise a WeightsError naming every array of ``source`` with NaN or infinite values: such
+    weights (a diverged run) would compute nothing but NaN."""
+    bad = non_finite(arrays)
+    if bad:
+        raise WeightsError(f"{source}: non-finite values (NaN or infinity) in {', '.join(bad)}")
+
+
 MOMENTUM_PREFIX = "momentum/"  # optimizer state keys: "momentum/conv1.weight" ...
 
 
@@ -151,6 +169,11 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    if not zipfile.is_zipfile(path):  # numpy would take any other bytes for a pickle, and say so
+        with path.open("rb") as handle:
+            if handle.read(1) == b"\x80":  # pickle protocol 2+
+                raise WeightsError(f"{path}: refused, the file holds a pickled object (a raw pickle, not an .npz)")
+        raise WeightsError(f"{path}: not a readable .npz file (not a zip archive, which an .npz is)")
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}

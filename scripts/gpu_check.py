@@ -456,9 +456,10 @@ def plan_epochs(target: int, *, first_wall_s: float, first_epoch_s: float, left_
 
 
 def read_rows(run_dir: Path) -> list[dict]:
+    """The per-epoch rows of a run's metrics.json ({"config", "sessions", "epochs"})."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+        return json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    except (OSError, ValueError, KeyError, TypeError):
         return []
 
 

@@ -160,17 +160,19 @@ def test_paper_variant_builds_with_groups_and_lrn():
     assert net.layer_blocks[[l.name for l in spec.layers].index("conv2")][1].weight.shape == (256, 48, 5, 5)
 
 
-def test_lrn_alpha_convention_is_pytorchs():
-    """b = a / (k + alpha/n * sum over n channels of a^2)^beta, with the spec's (PyTorch's) alpha."""
+@pytest.mark.parametrize("size", [5, 3])
+def test_lrn_alpha_convention_is_pytorchs(size):
+    """b = a / (k + alpha/n * sum over n channels of a^2)^beta, with the spec's (PyTorch's) alpha,
+    over the window c - n//2 .. c + n//2 (zeros beyond the edges)."""
     from alexnet_mx._model import _LocalResponseNorm
     from common.spec import LocalResponseNorm
 
-    layer = LocalResponseNorm("norm", size=5, alpha=0.5, beta=0.75, k=1.5)
+    layer = LocalResponseNorm("norm", size=size, alpha=0.5, beta=0.75, k=1.5)
     x = np.random.default_rng(0).standard_normal((2, 7, 3, 4)) * 2
     block = _LocalResponseNorm(layer)
     got = block(mx.nd.array(x, dtype="float32")).asnumpy()
-    padded = np.pad(x**2, ((0, 0), (2, 2), (0, 0), (0, 0)))
-    window = sum(padded[:, i:i + 7] for i in range(5))
+    padded = np.pad(x**2, ((0, 0), (size // 2, (size - 1) // 2), (0, 0), (0, 0)))
+    window = sum(padded[:, i:i + 7] for i in range(size))
     want = x / (layer.k + layer.alpha / layer.size * window) ** layer.beta
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-6
 

@@ -30,7 +30,7 @@ from alexnet_onnx._model import adaptive_bins, uniform_window  # noqa: E402
 from common import reference, shapes  # noqa: E402
 from common.backend import DeviceError  # noqa: E402
 from common.cli import main  # noqa: E402
-from common.parity import layer_errors, make_case  # noqa: E402
+from common.parity import forward_case, layer_errors  # noqa: E402
 from common.spec import (VARIANTS, AdaptiveAvgPool2d, Conv2d, Dense, Flatten,  # noqa: E402
                          LocalResponseNorm, ModelSpec, ReLU, book_alexnet, get_spec)
 from common.weights import WeightsError, init_weights, save_weights  # noqa: E402
@@ -56,9 +56,9 @@ def worst_layer(errors: dict[str, float]) -> tuple[str, float]:
 
 
 def check_against_reference(spec: ModelSpec, seed: int, batch: int = 2, device: str = "cpu") -> dict[str, float]:
-    case = make_case(spec, seed, batch)
-    model = backend.build(spec, weights=case.weights, device=device)
-    errors = layer_errors(backend, model, case.x, case.expected)
+    weights, x, expected = forward_case(spec, seed, batch)
+    model = backend.build(spec, weights=weights, device=device)
+    errors = layer_errors(backend, model, x, expected)
     assert set(errors) == {layer.name for layer in spec.layers} | {"logits"}
     name, error = worst_layer(errors)
     print(f"{spec.name} {'x'.join(map(str, spec.input_shape))} batch {batch}: worst {name} {error:.2e}")
@@ -127,12 +127,12 @@ def test_lrn_alpha_convention_is_pytorchs(seed):
     spec = replace(spec, layers=(Conv2d("conv1", 8, 1), *spec.layers[1:]))
     errors = check_against_reference(spec, seed)
     assert errors["norm1"] <= 1e-6
-    case = make_case(spec, seed, 2)
-    model = backend.build(spec, weights=case.weights, device="cpu")
+    weights, x, expected = forward_case(spec, seed, 2)
+    model = backend.build(spec, weights=weights, device="cpu")
     lrn = next(node for node in model.proto.graph.node if node.op_type == "LRN")
     next(a for a in lrn.attribute if a.name == "alpha").f *= 3  # undivided convention: alpha * size
     model._sessions.clear()
-    assert layer_errors(backend, model, case.x, case.expected)["norm1"] > 0.01
+    assert layer_errors(backend, model, x, expected)["norm1"] > 0.01
 
 
 # ------------------------------------------------------------------ the graph

@@ -162,7 +162,8 @@ def test_train_in_bf16_on_the_cpu_where_the_framework_has_it(name, tmp_path, cap
                  "--no-progress", "--run-dir", str(run_dir)]) == 0
     config = json.loads(str(read_npz(run_dir / "checkpoint.npz")["meta/config"]))
     assert config["trainer_options"]["precision"] == "bf16" and config["math"] == "fp32"
-    assert np.isfinite(json.loads((run_dir / "metrics.json").read_text())[0]["test_loss"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["epochs"][0]["test_loss"]) and metrics["config"]["trainer_options"]["precision"] == "bf16"
 
 
 def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):

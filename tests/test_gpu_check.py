@@ -56,7 +56,7 @@ def test_the_recipe_runs_the_epochs_that_fit_and_says_when_fewer(tmp_path, monke
         epochs_asked = int(command[command.index("--epochs") + 1])
         rows = [{"epoch": e, "train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.5, "test_acc": 0.85,
                  "images_per_s": 600.0, "seconds": 100.0} for e in range(1, epochs_asked + 1)]
-        (run_dir / "metrics.json").write_text(json.dumps(rows))
+        (run_dir / "metrics.json").write_text(json.dumps({"config": {}, "sessions": [], "epochs": rows}))
         return module.Outcome(0, 120.0, False)
 
     monkeypatch.setattr(module, "run_logged", fake_train)
@@ -120,7 +120,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert row["mfu"] == raw["mfu"] > 0 and row["real_over_synthetic"] == raw["real_over_synthetic"]
 
     train = summary["train"]
-    metrics = json.loads((work / "train" / "metrics.json").read_text())
+    metrics = json.loads((work / "train" / "metrics.json").read_text())["epochs"]
     assert train["status"] == "ok" and train["epochs_target"] == train["epochs_planned"] == train["epochs_done"] == 2
     assert [r["epoch"] for r in train["rows"]] == [1, 2] and train["rows"] == metrics
     assert len(train["commands"]) == 2 and train["commands"][1].endswith("--epochs 2 --resume")

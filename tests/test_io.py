@@ -45,6 +45,45 @@ def test_writer_that_produces_nothing_is_an_error(tmp_path):
     assert not (tmp_path / "x.bin").exists()
 
 
+def _write_folder(folder, text):
+    (folder / "variables").mkdir(parents=True)
+    (folder / "saved_model.pb").write_text(text)
+    (folder / "variables" / "data").write_text(text)
+
+
+def _folder_content(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_atomic_folder_replaces_a_whole_folder_and_leaves_nothing_beside_it(tmp_path):
+    target = tmp_path / "alexnet_savedmodel"
+    with io.atomic_folder(target) as tmp:
+        assert tmp.parent == tmp_path and not tmp.exists() and tmp.name.endswith(target.name)
+        _write_folder(tmp, "one")
+        (tmp / "only-in-one").write_text("one")
+    assert _folder_content(target) == {"only-in-one": "one", "saved_model.pb": "one", "variables/data": "one"}
+    with io.atomic_folder(target) as tmp:  # over a non-empty folder: the old one goes whole
+        _write_folder(tmp, "two")
+    assert _folder_content(target) == {"saved_model.pb": "two", "variables/data": "two"}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_atomic_folder_failure_keeps_the_old_folder_and_removes_the_partial_one(tmp_path):
+    target = tmp_path / "alexnet_savedmodel"
+    with io.atomic_folder(target) as tmp:
+        _write_folder(tmp, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with io.atomic_folder(target) as tmp:
+            _write_folder(tmp, "half")
+            raise KeyboardInterrupt
+    assert _folder_content(target) == {"saved_model.pb": "old", "variables/data": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    with pytest.raises(OSError, match="produced no folder"):
+        with io.atomic_folder(tmp_path / "nothing"):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
@@ -53,7 +92,9 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     keep = tmp_path / "checkpoint.npz"
     for p in (stale, live, keep):
         p.write_bytes(b"x")
-    assert io.remove_stale_temporaries(tmp_path) == [stale]
+    stale_folder = tmp_path / f".tmp-{dead_pid}-4567cdef-alexnet_savedmodel"  # atomic_folder's
+    _write_folder(stale_folder, "x")
+    assert sorted(io.remove_stale_temporaries(tmp_path)) == sorted([stale, stale_folder])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, keep.name])
 
 
