@@ -13,11 +13,11 @@ importing and configuring MXNet), ``_model`` (build, run, weights in/out, native
 checkpoints), ``_trainer`` (the optimizer step through ``gluon.Trainer``).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, SpeedUp
+from common.backend import Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing MXNet: literals and SpeedUp(...) only.
+# Read by common without importing MXNet: literals, SpeedUp(...) and ReplicaEngine(...) only.
 CAPABILITIES = Capabilities(
     name="mx", framework="MXNet", extra="mxnet", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -26,12 +26,17 @@ CAPABILITIES = Capabilities(
                 default_on=("cpu", "gpu")),
     ),
     native_suffixes=(".params",), exports=("-symbol.json", "-0000.params"),
+    replicas=(
+        ReplicaEngine("device", "KVStore 'device' in one process over N GPU or CPU contexts"),
+        ReplicaEngine("dist_sync", "KVStore 'dist_sync', one worker process per replica with parameter servers, "
+                      "roles set by DMLC_* (one machine or several); momentum lives on the servers", processes=True),
+    ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (the numpy shim, then MXNet: an ImportError names the extra)
-    disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
-    synchronize,
+    configure_replicas, disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory,
+    replica_group, runtime_info, serve_kvstore, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
     AlexNet, build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
@@ -42,4 +47,4 @@ from ._trainer import Trainer, make_trainer  # noqa: E402
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "AlexNet", "export_artifacts"]
+__all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "export_artifacts", "replica_group", "serve_kvstore"]

@@ -35,11 +35,20 @@ if "OMP_NUM_THREADS" not in os.environ:
 import functools  # noqa: E402
 
 from common.backend import GpuStatus, apply_math_environment, choose_device, math_environment, require_framework  # noqa: E402
+from common.replicas import SINGLE, ReplicaGroup, check_replicas  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
 
 FRAMEWORK = CAPABILITIES.framework
-mx = require_framework("mxnet", CAPABILITIES)
+# A dist_sync server or scheduler (DMLC_ROLE) runs its whole loop inside ``import mxnet`` and exits
+# there: before this module is complete, so the server could not unpickle the optimizer the workers
+# send it (a class of this package). The role is hidden during the import; ``serve_kvstore`` runs it.
+_ROLE = os.environ.pop("DMLC_ROLE") if os.environ.get("DMLC_ROLE") in ("server", "scheduler") else None
+try:
+    mx = require_framework("mxnet", CAPABILITIES)
+finally:
+    if _ROLE is not None:
+        os.environ["DMLC_ROLE"] = _ROLE
 
 
 # MXNet 1.9.1's CUDA wheels (the last) carry kernels for compute capabilities up to 8.6 and no PTX.
@@ -117,6 +126,74 @@ def resolve_device(device: str) -> str:
 def context(device: str):
     """'cpu' / 'gpu' (already resolved by common.backend.choose_device) -> an MXNet context."""
     return mx.gpu(0) if device == "gpu" else mx.cpu()
+
+
+# ------------------------------------------------------------------ replicas
+# What configure_replicas set up: the contexts models are built on, and the KVStore that joins them.
+_replicas: dict = {"group": SINGLE, "contexts": None, "kvstore": None}
+
+
+def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
+    """Set up MXNet's KVStore for ``replicas`` replicas; call it before building the model.
+
+    * Started as a ``dist_sync`` worker (``DMLC_ROLE=worker`` with the other ``DMLC_*`` variables
+      of a parameter-server job; one worker per replica, on one or several machines): the
+      ``dist_sync`` KVStore, one context here (the first GPU it sees, or the CPU). The servers
+      apply the optimizer (``update_on_kvstore``), so the momentum lives on them.
+    * Otherwise the ``device`` KVStore in this process over ``replicas`` contexts: GPUs 0..N-1,
+      or on a CPU N CPU contexts (MXNet runs them on one device: that measures the engine, not
+      a speed-up).
+
+    Models built afterwards have a copy of every parameter on each context."""
+    check_replicas(replicas)
+    if replicas == 1:
+        _replicas.update(group=SINGLE, contexts=None, kvstore=None)
+        return SINGLE
+    where = resolve_device(device)
+    if os.environ.get("DMLC_ROLE") == "worker":
+        workers = int(os.environ.get("DMLC_NUM_WORKER", "0"))
+        if workers != replicas:
+            raise ValueError(f"DMLC_NUM_WORKER={workers}, but {replicas} replicas were asked for (one per worker)")
+        kvstore = mx.kv.create("dist_sync")
+        contexts = [context(where)]  # GPU 0 of those the worker sees: CUDA_VISIBLE_DEVICES picks it
+        group = ReplicaGroup("dist_sync", replicas, rank=kvstore.rank, processes=kvstore.num_workers,
+                             first_replica=kvstore.rank)
+    else:
+        if where == "gpu" and mx.context.num_gpus() < replicas:
+            raise ValueError(f"{replicas} replicas on GPUs need {replicas} GPUs; MXNet sees {mx.context.num_gpus()}")
+        contexts = [mx.gpu(i) if where == "gpu" else mx.cpu(i) for i in range(replicas)]
+        kvstore = "device"
+        group = ReplicaGroup("device", replicas, local_replicas=replicas)
+    _replicas.update(group=group, contexts=contexts, kvstore=kvstore)
+    return group
+
+
+def serve_kvstore() -> None:
+    """Run this process as the ``dist_sync`` server or scheduler that ``DMLC_ROLE`` names, until the
+    workers finish; then the process exits (MXNet's own server loop). Start one scheduler and one or
+    more servers with ``python -c "import alexnet_mx; alexnet_mx.serve_kvstore()"``. The servers
+    unpickle the optimizer the workers send (MXNet's protocol): run them on a trusted network only."""
+    if os.environ.get("DMLC_ROLE") not in ("server", "scheduler"):
+        raise RuntimeError(f"serve_kvstore runs a dist_sync server or scheduler: set DMLC_ROLE to one of them, "
+                           f"not {os.environ.get('DMLC_ROLE')!r}")
+    from mxnet.kvstore.kvstore_server import _init_kvstore_server_module
+
+    _init_kvstore_server_module()  # runs the role's loop, then sys.exit()
+
+
+def replica_group() -> ReplicaGroup:
+    """The group ``configure_replicas`` set up last (one replica if never called)."""
+    return _replicas["group"]
+
+
+def replica_contexts(device: str) -> list:
+    """The contexts a model is built on: the replicas' if configured, else ``device``'s one."""
+    return list(_replicas["contexts"] or [context(device)])
+
+
+def replica_kvstore():
+    """The KVStore joining the replicas: "device", a dist_sync KVStore, or None for one replica."""
+    return _replicas["kvstore"]
 
 
 # ------------------------------------------------------------------ for the bench

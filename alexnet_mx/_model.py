@@ -23,7 +23,7 @@ from common.spec import (
 from common.weights import WeightsError, build_recipe, check_arrays, resolve_weights
 
 from . import CAPABILITIES
-from ._framework import context, mx, resolve_device
+from ._framework import mx, replica_contexts, resolve_device
 
 gluon = mx.gluon
 nn = mx.gluon.nn
@@ -122,7 +122,13 @@ class AlexNet(gluon.HybridBlock):
 
     @property
     def ctx(self):
-        return next(iter(self.collect_params().values())).list_ctx()[0]
+        """The first context holding the parameters (the first replica's, with several)."""
+        return self.contexts[0]
+
+    @property
+    def contexts(self) -> list:
+        """Every context holding a copy of the parameters (one per replica)."""
+        return next(iter(self.collect_params().values())).list_ctx()
 
     def hybrid_forward(self, F, x):
         for _, block in self.layer_blocks:
@@ -146,12 +152,12 @@ def _check_model(model) -> AlexNet:
 
 def build(spec: ModelSpec | None = None, *, num_classes: int | None = None, weights=None, seed: int = 0,
           device: str = "auto") -> AlexNet:
-    """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``."""
+    """A hybridized Gluon AlexNet for ``spec`` on ``device``, set to ``weights`` or ``init_weights(spec, seed)``;
+    after ``configure_replicas(N)``, with a copy of every parameter on each replica's context."""
     spec, canonical = build_recipe(spec, num_classes=num_classes, weights=weights, seed=seed)
-    where = resolve_device(device)
-    ctx = context(where)
+    contexts = replica_contexts(resolve_device(device))
     model = AlexNet(spec)
-    model.initialize(mx.init.Zero(), ctx=ctx)  # every shape is known: nothing is deferred
+    model.initialize(mx.init.Zero(), ctx=contexts)  # every shape is known: nothing is deferred
     _set_weights(model, canonical)
     model.hybridize(static_alloc=True, static_shape=True)
     return model
@@ -227,7 +233,7 @@ def load_weights(model, weights) -> None:
 
 def export_weights(model) -> dict[str, np.ndarray]:
     model = _check_model(model)
-    return {name: param.data().asnumpy().astype(np.float32, copy=False)
+    return {name: param.data(model.ctx).asnumpy().astype(np.float32, copy=False)
             for name, param in _canonical_params(model).items()}
 
 
@@ -245,7 +251,7 @@ def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     with mx.autograd.record(train_mode=True):
         loss = loss_fn(model(data), target).mean()
     loss.backward()
-    grads = {name: param.grad().asnumpy() for name, param in _canonical_params(model).items()}
+    grads = {name: param.grad(model.ctx).asnumpy() for name, param in _canonical_params(model).items()}
     return float(loss.asscalar()), grads
 
 
@@ -320,5 +326,6 @@ def export_artifacts(model, folder) -> list[Path]:
     symbol_path, params_path = folder / ("alexnet" + SYMBOL_ENDING), folder / ("alexnet" + PARAMS_ENDING)
     with atomic_path(params_path) as params_tmp, atomic_path(symbol_path) as symbol_tmp:
         symbol.save(str(symbol_tmp))
-        mx.nd.save(str(params_tmp), {f"arg:{name}": param.data().copyto(mx.cpu()) for name, param in params.items()})
+        mx.nd.save(str(params_tmp), {f"arg:{name}": param.data(model.ctx).copyto(mx.cpu())
+                                      for name, param in params.items()})
     return [symbol_path, params_path]

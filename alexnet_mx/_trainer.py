@@ -13,6 +13,17 @@ One step equals PyTorch's ``torch.optim.SGD`` on the batch-mean loss:
   checkpoint would drift from the uninterrupted one by an ulp. :class:`_PyTorchSGD` therefore
   keeps PyTorch's ``buf`` itself, updated with MXNet's fused kernels (two per parameter),
   and the checkpointed state is exactly the optimizer's state.
+
+Replicas (``replicas=N``, a model built after ``configure_replicas(N)``): Gluon's own data
+parallelism. The global batch is cut into the replicas' slices (``common.replicas.shard``), each
+slice runs on its replica's context (the ``device`` KVStore: N contexts in this process; or
+``dist_sync``: this worker's one context, the others in other processes), the per-example
+losses are back-propagated, and ``Trainer.step(B)`` with the *global* batch size B rescales the
+KVStore's gradient sum to the global batch's mean (the per-replica size would double the step).
+The KVStore applies the optimizer (``update_on_kvstore``, Gluon's default; with ``dist_sync``
+on the servers, which MXNet sends the optimizer to) and every context pulls the result. With
+``dist_sync``, ``update_on_kvstore=False`` gave wrong momentum steps in 2 of 6 repeated runs
+here (up to 10.8 absolute, cause unknown), so it is not used.
 """
 from __future__ import annotations
 
@@ -21,13 +32,19 @@ from typing import Mapping
 import numpy as np
 
 from common.backend import checked_lr
+from common.replicas import SINGLE, check_replicas, replica_seed, shard_bounds
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
 from . import CAPABILITIES
-from ._framework import mx
+from ._framework import mx, replica_group, replica_kvstore
 from ._model import AlexNet, _canonical_params, _check_model, _labels, _to_input
 
 gluon = mx.gluon
+
+
+# A KVStore key outside the parameters' (0..15): with dist_sync, what the workers push there comes
+# back summed, which is how they add up loss and accuracy and agree to stop (see _PyTorchSGD.update).
+SUM_KEY = 1_000_000
 
 
 class _PyTorchSGD(mx.optimizer.Optimizer):
@@ -39,9 +56,12 @@ class _PyTorchSGD(mx.optimizer.Optimizer):
 
     def create_state(self, index, weight):
         # zeros act as PyTorch's missing buffer: momentum * 0 + g == g exactly on the first step
-        return mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype) if self.momentum else None
+        return mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype) if self.momentum and index != SUM_KEY else None
 
     def update(self, index, weight, grad, state):
+        if index == SUM_KEY:  # on a dist_sync server: keep the workers' summed push, to be pulled
+            weight[:] = grad
+            return
         self._update_count(index)
         lr, wd = self._get_lr(index), self._get_wd(index)
         if state is None:  # w = w - lr * (rescale * grad + wd * w), fused
@@ -60,8 +80,15 @@ class Trainer:
     """One model's gluon.Trainer and steps; semantics of the contract's Trainer protocol."""
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 hybridize: bool | None = None, precision: str = "fp32"):
+                 hybridize: bool | None = None, precision: str = "fp32", replicas: int = 1):
         self.model = _check_model(model)
+        self.replicas = check_replicas(replicas)
+        self.group = replica_group() if replicas > 1 else SINGLE
+        self.contexts = model.contexts
+        if len(self.contexts) != self.group.local_replicas or self.group.replicas != replicas:
+            raise ValueError(f"replicas={replicas}, but the model was built on {len(self.contexts)} context(s) for "
+                             f"{self.group.replicas} replica(s): call alexnet_mx.configure_replicas({replicas}) "
+                             "before building it")
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
         self.precision = CAPABILITIES.check_precision(precision)
@@ -76,8 +103,13 @@ class Trainer:
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
         optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=checked_lr(lr), wd=self.weight_decay)
-        # one device: no kvstore, updates run locally through the updater, whose states we read
-        self._trainer = gluon.Trainer(model.collect_params(), optimizer, kvstore=None)
+        # One device: no kvstore, updates run locally through the updater, whose states we read.
+        # Replicas: the KVStore sums the gradients and applies the optimizer (update_on_kvstore).
+        kvstore = replica_kvstore() if replicas > 1 else None
+        self._trainer = gluon.Trainer(model.collect_params(), optimizer, kvstore=kvstore,
+                                      update_on_kvstore=True if replicas > 1 else None)
+        self._distributed = replicas > 1 and self.group.processes > 1
+        self._step_batch: int | None = None  # dist_sync: the batch size the servers' rescale was fixed for
         index = {id(p): i for i, p in enumerate(self._trainer._params)}
         self._index = {name: index[id(p)] for name, p in _canonical_params(model).items()}
         self._resize: dict[tuple[int, int], tuple] = {}
@@ -126,6 +158,8 @@ class Trainer:
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
         """One SGD step on the batch-mean loss; dropout masks are a function of ``seed`` only."""
         data, target = _to_input(self.model, x), _labels(labels, self.model.ctx)
+        if self.replicas > 1:
+            return self._replicated_step(data, target, seed)
         mx.random.seed(int(seed))  # every context: the dropout masks of this step depend on seed alone
         with mx.autograd.record(train_mode=True):
             logits = self.model(data)
@@ -135,6 +169,53 @@ class Trainer:
         correct = (logits.argmax(axis=1) == target).sum()
         # asscalar() waits for MXNet's asynchronous engine: the step has finished when this returns
         return float(loss.mean().asscalar()), int(correct.asscalar())
+
+    def _replicated_step(self, data, target, seed: int) -> tuple[float, int]:
+        batch = data.shape[0]
+        first = self.group.first_replica
+        bounds = shard_bounds(batch, self.replicas)[first:first + self.group.local_replicas]
+        work = [(ctx, start, stop, first + i) for i, (ctx, (start, stop)) in enumerate(zip(self.contexts, bounds))
+                if stop > start]
+        if len(work) < len(self.contexts):  # a replica without examples adds a zero gradient, not a stale one
+            self.model.collect_params().zero_grad()
+        scale = 1.0
+        if self._distributed:
+            # The servers' optimizer got its 1/batch rescale with the first step and keeps it, so
+            # a later batch of another size (an epoch's last) scales its loss to match instead.
+            self._step_batch = self._step_batch or batch
+            scale = self._step_batch / batch
+        losses, corrects = [], []
+        for ctx, start, stop, replica in work:
+            mx.random.seed(replica_seed(seed, replica, self.replicas), ctx=ctx)
+        with mx.autograd.record(train_mode=True):
+            for ctx, start, stop, _ in work:
+                logits = self.model(data[start:stop].as_in_context(ctx))
+                labels = target[start:stop].as_in_context(ctx)
+                losses.append(self._loss(logits, labels) * scale if scale != 1.0 else self._loss(logits, labels))
+                corrects.append((logits.argmax(axis=1) == labels).sum())
+        mx.autograd.backward(losses)
+        self._trainer.step(self._step_batch or batch)  # the global batch: the KVStore's sum / B
+        loss_sum = sum(float(loss.sum().asscalar()) for loss in losses) / scale
+        correct = sum(int(c.asscalar()) for c in corrects)
+        loss_sum, correct = self._summed(loss_sum, correct)
+        return loss_sum / batch, int(correct)
+
+    def _summed(self, *values: float) -> list[float]:
+        """``values`` summed over the processes (dist_sync: through the servers, SUM_KEY)."""
+        if not self._distributed:
+            return list(values)
+        kvstore = self._trainer._kvstore
+        if not getattr(self, "_sum_key_ready", False):
+            kvstore.init(SUM_KEY, mx.nd.zeros((len(values),), dtype="float64"))
+            self._sum_key_ready = True
+        kvstore.push(SUM_KEY, mx.nd.array(values, dtype="float64"))
+        out = mx.nd.zeros((len(values),), dtype="float64")
+        kvstore.pull(SUM_KEY, out=out)
+        return out.asnumpy().tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process passes ``flag`` true (all call this at the same step): one stop decision for all."""
+        return self._summed(float(bool(flag)), 0.0)[0] > 0
 
     def eval_step(self, x, labels) -> tuple[float, int]:
         """Inference mode; (summed loss, correct predictions)."""
@@ -148,6 +229,15 @@ class Trainer:
     # ------------------------------------------------------------ optimizer state
 
     def _updater(self):
+        """The updater holding the momentum: this process's, or the local KVStore's with replicas."""
+        if not self._trainer._kv_initialized:
+            self._trainer._init_kvstore()
+        if self._trainer._update_on_kvstore:
+            if self._distributed:
+                raise ValueError("with MXNet's dist_sync the momentum lives on the parameter servers, which MXNet "
+                                 "cannot save or set: no checkpoint with momentum; train without momentum, or with "
+                                 "the device engine")
+            return self._trainer._kvstore._updater
         return self._trainer._updaters[0]
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -171,16 +261,19 @@ class Trainer:
         """Set the momentum buffers from ``optimizer_state()``'s format (checked in full first by
         ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
         buffers = momentum_buffers(self.model.spec, self.momentum, state)
+        if not buffers:
+            return
         updater, ctx = self._updater(), self.model.ctx
         for name, i in self._index.items():
-            if name in buffers:
-                updater.states[i] = mx.nd.array(np.asarray(buffers[name], np.float32), ctx=ctx, dtype="float32")
-                updater.states_synced[i] = True
+            updater.states[i] = mx.nd.array(np.asarray(buffers[name], np.float32), ctx=ctx, dtype="float32")
+            # not synced: the updater moves it to the context of the weight it updates (the KVStore's copy)
+            updater.states_synced[i] = False
 
 
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 hybridize: bool | None = None, precision: str = "fp32") -> Trainer:
+                 hybridize: bool | None = None, precision: str = "fp32", replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics through ``gluon.Trainer``. ``hybridize`` None keeps the model
-    as ``build`` made it (hybridized, static_alloc and static_shape); ``precision`` is fp32 only."""
+    as ``build`` made it (hybridized, static_alloc and static_shape); ``precision`` is fp32 only;
+    ``replicas`` N > 1 trains a model built after ``configure_replicas(N)`` (module docstring)."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, hybridize=hybridize,
-                   precision=precision)
+                   precision=precision, replicas=replicas)

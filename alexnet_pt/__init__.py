@@ -12,11 +12,11 @@ thing lives: ``_framework`` (importing and configuring PyTorch), ``_model`` (bui
 weights in/out, native checkpoints), ``_trainer`` (the optimizer step).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, SpeedUp
+from common.backend import Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing PyTorch: literals and SpeedUp(...) only.
+# Read by common without importing PyTorch: literals, SpeedUp(...) and ReplicaEngine(...) only.
 CAPABILITIES = Capabilities(
     name="pt", framework="PyTorch", extra="torch", layout="NCHW",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -26,12 +26,16 @@ CAPABILITIES = Capabilities(
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
     ),
     native_suffixes=(".pt", ".pth"), exports=(".pt2", ".onnx"),
+    replicas=(
+        ReplicaEngine("ddp", "DistributedDataParallel, one process per replica (gloo on CPU, NCCL on GPUs); "
+                      "several machines: torchrun --nnodes", processes=True),
+    ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (imports PyTorch: an ImportError names the extra)
-    disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
-    synchronize,
+    configure_replicas, disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory,
+    replica_group, runtime_info, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
     build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
@@ -42,4 +46,4 @@ from ._trainer import Trainer, make_trainer  # noqa: E402
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "export_artifacts"]
+__all__ = [*_CONTRACT, "configure_replicas", "replica_group", "export_artifacts"]

@@ -3,9 +3,12 @@ devices, float32 math mode, and what the bench asks of the framework (matmul pea
 for the device, memory, build information). A missing install is an ImportError naming the extra."""
 from __future__ import annotations
 
+import datetime
 import functools
+import os
 
 from common.backend import GpuStatus, choose_device, require_framework
+from common.replicas import SINGLE, ReplicaGroup, check_replicas
 
 from . import CAPABILITIES
 
@@ -65,6 +68,55 @@ def resolve_device(device: str) -> str:
 def torch_device(device: str) -> "torch.device":
     """'auto' | 'cpu' | 'gpu' -> the torch.device it resolves to on this machine."""
     return torch.device("cuda" if resolve_device(device) == "gpu" else "cpu")
+
+
+# ------------------------------------------------------------------ replicas
+# The variables torchrun sets in each process it starts (and common.launch, which follows it).
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective may wait for a peer before the process fails instead of hanging.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("ALEXNET_COLLECTIVE_TIMEOUT_MIN", "10")))
+
+
+def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
+    """Join the process group of ``replicas`` processes, one replica each, for
+    DistributedDataParallel: gloo on the CPU, NCCL on GPUs (process ``LOCAL_RANK`` on GPU
+    ``LOCAL_RANK``). The processes are started by torchrun (one machine or several) or by
+    ``alexnet train --replicas N``, which set ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT`` (and ``LOCAL_RANK``); call it before building the model."""
+    check_replicas(replicas)
+    if replicas == 1:
+        return SINGLE
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise RuntimeError(f"{replicas} PyTorch replicas run as {replicas} processes, and this one was not started "
+                           f"as one of them ({', '.join(missing)} unset): use alexnet train --replicas {replicas}, "
+                           f"or torchrun --nproc_per_node {replicas}")
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    if world != replicas:
+        raise ValueError(f"{replicas} replicas were asked for, but the launcher started {world} processes "
+                         f"(WORLD_SIZE={world}): one replica per process")
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available() and torch.cuda.device_count() > local_rank:
+        torch.cuda.set_device(local_rank)  # before anything touches a GPU: "cuda" is this process's own
+    engine = "nccl" if resolve_device(device) == "gpu" else "gloo"
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(engine, init_method="env://", rank=rank, world_size=world,
+                                timeout=COLLECTIVE_TIMEOUT)
+    elif dist.get_world_size() != world or dist.get_rank() != rank:
+        raise RuntimeError(f"a process group of {dist.get_world_size()} is already set up here, not of {world}")
+    return replica_group()
+
+
+def replica_group() -> ReplicaGroup:
+    """This process's place in the process group (one replica if there is none)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return SINGLE
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ReplicaGroup("ddp", world, rank=rank, processes=world, first_replica=rank)
 
 
 # ------------------------------------------------------------------ for the bench

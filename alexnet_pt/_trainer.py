@@ -14,6 +14,15 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
   did not pay for its compile time (docs/benchmarks.md); try it on a GPU.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
   precision (float32 master weights and optimizer state; fp16 with a gradient scaler).
+
+Replicas (``replicas=N``, in each of N processes that ``configure_replicas(N)`` joined into a
+process group): the model runs wrapped in ``DistributedDataParallel``. Every process is given
+the *global* batch and keeps its own slice (``common.replicas.shard``); DDP averages the N
+gradients, so each process differentiates its examples' summed loss times N / B (B the global
+batch): the average is then the gradient of the global batch's mean loss, also when an epoch's
+last batch does not divide evenly. ``torch.optim.SGD`` adds the weight decay and steps after the
+average, identically in every process, so the copies stay equal. Loss and accuracy come back
+summed over the processes; evaluation is split and summed the same way.
 """
 from __future__ import annotations
 
@@ -25,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from common.backend import checked_lr
+from common.replicas import SINGLE, check_replicas, replica_seed, shard
 from common.weights import DTYPE, MOMENTUM_PREFIX, momentum_buffers
 
 from . import CAPABILITIES
-from ._framework import DTYPES
+from ._framework import DTYPES, replica_group
 from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_format, model_device, model_spec,
                      prefers_channels_last)
 
@@ -37,8 +47,15 @@ class Trainer:
     """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32"):
+                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32",
+                 replicas: int = 1):
         self.model = model
+        self.replicas = check_replicas(replicas)
+        self.group = replica_group() if replicas > 1 else SINGLE
+        if replicas > 1 and self.group.replicas != replicas:
+            raise ValueError(f"replicas={replicas} needs a process group of {replicas} processes "
+                             f"(alexnet_pt.configure_replicas({replicas}) in each); this process is in "
+                             f"{'none' if self.group.replicas == 1 else f'one of {self.group.replicas}'}")
         self.spec = model_spec(model)
         self.device = model_device(model)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
@@ -50,7 +67,13 @@ class Trainer:
         model.to(memory_format=memory_format(self.channels_last))
         if self.device.type == "cuda":  # fixed shapes: let cuDNN time its algorithms once and keep the fastest
             torch.backends.cudnn.benchmark = True
-        self._forward = torch.compile(model) if self.compile else model
+        self._forward = model
+        if replicas > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._forward = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._forward = torch.compile(self._forward) if self.compile else self._forward
         self._autocast_dtype = None if precision == "fp32" else DTYPES[precision]
         self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
         self._params = _parameters(model)
@@ -90,6 +113,7 @@ class Trainer:
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.ndim != 3:
             raise ValueError(f"expected uint8 images of shape (N, h, w), got {images.dtype} {tuple(images.shape)}")
+        images = images[self._shard(len(images))]  # with replicas: this process's slice of the global batch
         src = (int(images.shape[1]), int(images.shape[2]))
         if src not in self._resize:
             (height, width) = self.spec.input_size
@@ -123,14 +147,45 @@ class Trainer:
                 torch.cuda.default_generators[index].manual_seed(int(seed))
             yield
 
+    # ------------------------------------------------------------- replicas
+    def _shard(self, batch: int) -> slice:
+        return shard(batch, self.replicas, self.group.rank) if self.replicas > 1 else slice(None)
+
+    def _local(self, x: Any, labels: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(this process's inputs, its labels, the global batch size) from the global labels and
+        either the global inputs or those ``prepare`` already cut to this process's slice."""
+        batch = len(labels)
+        part = self._shard(batch)
+        if self.replicas > 1 and len(x) == batch:
+            x = x[part]
+        return self._layout(as_input(self.model, x)), as_labels(self.model, labels[part]), batch
+
+    def _summed(self, *values: float) -> list[float]:
+        """``values`` summed over the processes (as they are, with one)."""
+        if self.replicas == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        totals = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        return totals.tolist()
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process passes ``flag`` true (all call this at the same step): one stop decision for all."""
+        return self._summed(float(bool(flag)))[0] > 0
+
     def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
-        """One SGD step on the batch; returns (mean loss, correct predictions before the step)."""
-        inputs, targets = self._layout(as_input(self.model, x)), as_labels(self.model, labels)
+        """One SGD step on the (global) batch; returns (mean loss, correct predictions before the step)."""
+        inputs, targets, batch = self._local(x, labels)
         self.model.train(True)
         self.optimizer.zero_grad(set_to_none=True)
-        with self._seeded(seed), self._autocast():
+        with self._seeded(replica_seed(seed, self.group.rank, self.replicas)), self._autocast():
             logits = self._forward(inputs)
-            loss = F.cross_entropy(logits.float(), targets)
+            if self.replicas == 1:
+                loss = F.cross_entropy(logits.float(), targets)
+            else:  # DDP averages over the N processes: N / B * (sum here) averages to the global mean
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum") * (self.replicas / batch)
         if self._scaler is None:
             loss.backward()
             self.optimizer.step()
@@ -140,17 +195,21 @@ class Trainer:
             self._scaler.update()
         correct = (logits.detach().argmax(dim=1) == targets).sum()
         # .item() waits for the device: the step is finished when this returns (timing relies on it)
-        return float(loss.item()), int(correct.item())
+        if self.replicas == 1:
+            return float(loss.item()), int(correct.item())
+        loss_sum, correct = self._summed(loss.item() * batch / self.replicas, correct.item())
+        return loss_sum / batch, int(correct)
 
     def eval_step(self, x: Any, labels: Any) -> tuple[float, int]:
-        """Inference mode; returns (summed cross-entropy, correct predictions)."""
-        inputs, targets = self._layout(as_input(self.model, x)), as_labels(self.model, labels)
+        """Inference mode; returns (summed cross-entropy, correct predictions), over all processes."""
+        inputs, targets, _ = self._local(x, labels)
         self.model.train(False)
         with torch.no_grad(), self._autocast():
             logits = self._forward(inputs).float()
             loss = F.cross_entropy(logits, targets, reduction="sum")
             correct = (logits.argmax(dim=1) == targets).sum()
-        return float(loss.item()), int(correct.item())
+        loss_sum, correct = self._summed(loss.item(), correct.item())
+        return float(loss_sum), int(correct)
 
     # ------------------------------------------------------- optimizer state
     def optimizer_state(self) -> dict[str, np.ndarray]:
@@ -180,7 +239,8 @@ class Trainer:
 
 
 def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32") -> Trainer:
-    """SGD with PyTorch's semantics; the speed options are described in the module docstring."""
+                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32",
+                 replicas: int = 1) -> Trainer:
+    """SGD with PyTorch's semantics; the speed options and ``replicas`` are described in the module docstring."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                   channels_last=channels_last, compile=compile, precision=precision)
+                   channels_last=channels_last, compile=compile, precision=precision, replicas=replicas)

@@ -14,11 +14,11 @@ PyTorch's semantics as one compiled step), ``_layers`` (LRN, adaptive pooling an
 dropout, which Keras lacks).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, SpeedUp
+from common.backend import Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing TensorFlow: literals and SpeedUp(...) only.
+# Read by common without importing TensorFlow: literals, SpeedUp(...) and ReplicaEngine(...) only.
 CAPABILITIES = Capabilities(
     name="tf", framework="TensorFlow", extra="tensorflow", layout="NHWC",
     precisions=("fp32", "bf16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -27,12 +27,17 @@ CAPABILITIES = Capabilities(
                 "a GPU, off on CPU (slower there)", default_on=("gpu",)),
     ),
     native_suffixes=(".weights.h5",), exports=("_savedmodel",),
+    replicas=(
+        ReplicaEngine("mirrored", "MirroredStrategy in one process over N GPUs or N logical CPU devices"),
+        ReplicaEngine("multi_worker", "MultiWorkerMirroredStrategy, one process per replica, named by TF_CONFIG "
+                      "(one machine or several)", processes=True),
+    ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 
 from ._framework import (  # noqa: E402  (imports TensorFlow first: an ImportError names the extra)
-    disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory, runtime_info, set_math_mode,
-    synchronize,
+    configure_replicas, disable_tf32, gpu_available, gpu_status, matmul_products, peak_device_memory,
+    replica_group, runtime_info, set_math_mode, synchronize,
 )
 from ._model import (  # noqa: E402
     build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
@@ -43,4 +48,4 @@ from ._trainer import Trainer, make_trainer  # noqa: E402
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "export_artifacts"]
+__all__ = [*_CONTRACT, "configure_replicas", "export_artifacts", "replica_group"]

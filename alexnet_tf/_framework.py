@@ -10,9 +10,12 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
+import json  # noqa: E402
 
 from common.backend import GpuStatus, choose_device, require_framework  # noqa: E402
+from common.replicas import SINGLE, ReplicaGroup, check_replicas  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
 
@@ -87,6 +90,91 @@ def resolve_device(device: str) -> str:
 def device_name(device: str) -> str:
     """'cpu' / 'gpu' (already resolved by common.backend.choose_device) -> a tf.device string."""
     return "/GPU:0" if device == "gpu" else "/CPU:0"
+
+
+# ------------------------------------------------------------------ replicas
+# The strategy every model built from now on belongs to (None: plain variables, one replica).
+_replicas: dict = {"strategy": None, "group": SINGLE}
+
+
+def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
+    """Set up ``tf.distribute`` for ``replicas`` replicas; call it before building the model and
+    before anything else computes with TensorFlow (devices are fixed when TensorFlow starts them).
+
+    * With ``TF_CONFIG`` naming a cluster of workers (one or several machines):
+      ``MultiWorkerMirroredStrategy``, this process being worker ``task.index``, with the GPUs it
+      sees (the same number in each worker) or, on CPUs, one replica per worker (ring all-reduce
+      on CPU, NCCL on GPUs).
+    * Otherwise ``MirroredStrategy`` in this process over the first ``replicas`` GPUs, or on a
+      CPU over ``replicas`` logical CPU devices split from the one physical CPU device.
+
+    Models built afterwards have mirrored variables; ``make_trainer(model, replicas=N)`` then
+    trains them with the strategy. ``replicas=1`` goes back to plain variables."""
+    check_replicas(replicas)
+    if replicas == 1:
+        _replicas.update(strategy=None, group=SINGLE)
+        return SINGLE
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    workers = config.get("cluster", {}).get("worker") or []
+    where = resolve_device(device)
+    if workers:
+        if replicas % len(workers):
+            raise ValueError(f"TF_CONFIG names {len(workers)} workers, which cannot share {replicas} replicas evenly")
+        rank, local = int(config.get("task", {}).get("index", 0)), replicas // len(workers)
+        if where == "cpu" and local != 1:
+            raise ValueError(f"TF_CONFIG names {len(workers)} workers for {replicas} replicas: on a CPU each worker "
+                             "process is one replica")
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if where == "gpu"
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        # every GPU a worker sees is one of its replicas (CUDA_VISIBLE_DEVICES chooses them)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
+        group = ReplicaGroup("multi_worker", replicas, rank=rank, processes=len(workers), first_replica=rank * local,
+                             local_replicas=local)
+    else:
+        devices = _gpu_devices(replicas) if where == "gpu" else _cpu_devices(replicas)
+        strategy = tf.distribute.MirroredStrategy(devices)
+        group = ReplicaGroup("mirrored", replicas, local_replicas=replicas)
+    if strategy.num_replicas_in_sync != replicas:
+        raise RuntimeError(f"tf.distribute set up {strategy.num_replicas_in_sync} replicas, not {replicas}")
+    _replicas.update(strategy=strategy, group=group)
+    return group
+
+
+def _cpu_devices(replicas: int) -> list[str]:
+    """``replicas`` logical CPU devices: split now, or already split (e.g. by an earlier call)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if len(tf.config.get_logical_device_configuration(cpu) or ()) < replicas:
+        try:
+            tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+        except RuntimeError:
+            raise RuntimeError(f"{replicas} TensorFlow replicas on the CPU need {replicas} logical CPU devices, and "
+                               "TensorFlow's devices were already started in this process: call configure_replicas "
+                               "before anything else runs TensorFlow (a new process)") from None
+    return [device.name for device in tf.config.list_logical_devices("CPU")[:replicas]]
+
+
+def _gpu_devices(replicas: int) -> list[str]:
+    gpus = tf.config.list_logical_devices("GPU")
+    if len(gpus) < replicas:
+        raise ValueError(f"{replicas} replicas on GPUs need {replicas} GPUs; TensorFlow sees {len(gpus)}")
+    return [device.name for device in gpus[:replicas]]
+
+
+def replica_group() -> ReplicaGroup:
+    """The group ``configure_replicas`` set up last (one replica if never called)."""
+    return _replicas["group"]
+
+
+def replica_strategy():
+    """The ``tf.distribute`` strategy models are built under now (None: one replica)."""
+    return _replicas["strategy"]
+
+
+def replica_scope():
+    """The strategy's scope, or nothing: variables created inside are mirrored over the replicas."""
+    strategy = _replicas["strategy"]
+    return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------ for the bench

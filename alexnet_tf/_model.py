@@ -21,11 +21,12 @@ from common.weights import (WeightsError, build_recipe, check_arrays, first_dens
                             nhwc_flatten_permutation, resolve_weights)
 
 from . import CAPABILITIES
-from ._framework import device_name, keras, resolve_device, tf
+from ._framework import device_name, keras, replica_scope, replica_strategy, resolve_device, tf
 from ._layers import AdaptiveAvgPool2d, LocalResponseNorm, SeededDropout
 
 _SPEC_ATTR = "alexnet_spec"
 _DEVICE_ATTR = "alexnet_device"
+_STRATEGY_ATTR = "alexnet_strategy"
 PAD_SUFFIX = "_pad"
 
 
@@ -57,13 +58,14 @@ def _native_layers(layer: S.Layer, index: int) -> list:
 
 
 def build_keras(spec: S.ModelSpec, device: str) -> "keras.Model":
-    """A functional model for ``spec``, its variables created on ``device`` (a tf.device string)."""
+    """A functional model for ``spec``, its variables created on ``device`` (a tf.device string), or
+    mirrored over the replicas when ``configure_replicas`` set up a strategy."""
     names = {layer.name for layer in spec.layers}
     for layer in spec.layers:
         if isinstance(layer, S.Conv2d) and layer.name + PAD_SUFFIX in names:
             raise ValueError(f"spec layer name {layer.name + PAD_SUFFIX!r} clashes with the padding layer of {layer.name!r}")
     channels, (height, width) = spec.in_channels, spec.input_size
-    with tf.device(device):
+    with replica_scope(), tf.device(device):
         inputs = keras.Input(shape=(height, width, channels), name="image")
         x = inputs
         for index, layer in enumerate(spec.layers):
@@ -72,7 +74,13 @@ def build_keras(spec: S.ModelSpec, device: str) -> "keras.Model":
         model = keras.Model(inputs, x, name=f"alexnet_{spec.name}")
     setattr(model, _SPEC_ATTR, spec)
     setattr(model, _DEVICE_ATTR, device)
+    setattr(model, _STRATEGY_ATTR, replica_strategy())
     return model
+
+
+def strategy_of(model):
+    """The ``tf.distribute`` strategy the model's variables are mirrored by (None: plain variables)."""
+    return getattr(model, _STRATEGY_ATTR, None)
 
 
 def spec_of(model) -> S.ModelSpec:

@@ -4,6 +4,18 @@
 buf = momentum * buf + g (buf = g on the first step); w -= lr * buf. Keras' own SGD differs
 (velocity = momentum * v - lr * g, decoupled weight decay), so the update is written out
 here, inside the same ``tf.function`` as the forward and backward pass.
+
+Replicas (``replicas=N``, after ``configure_replicas(N)`` and a model built under it): the step
+runs under the model's ``tf.distribute`` strategy, MirroredStrategy in one process or
+MultiWorkerMirroredStrategy over processes, as a custom loop (``strategy.run``; Keras ``fit``
+under MultiWorkerMirroredStrategy is broken upstream). Each replica takes its slice of the
+global batch (``common.replicas.shard``), differentiates ``compute_average_loss(per example,
+global_batch_size=B)`` (its examples' loss sum over the global B), and the replicas' gradients
+are summed by the strategy's all-reduce: the gradient of the global batch's mean loss. Weight
+decay is added once, after the all-reduce (added before it, each replica's ``wd * w`` would be
+summed N times), and every replica then applies the same fused update to its own copy of the
+variables, so the copies stay equal. The momentum buffers are mirrored variables created inside
+the strategy's scope before the first step (created lazily inside a distributed step, they fail).
 """
 from __future__ import annotations
 
@@ -13,12 +25,13 @@ from typing import Mapping
 import numpy as np
 
 from common.backend import checked_lr
+from common.replicas import SINGLE, check_replicas, replica_seed
 from common.weights import MOMENTUM_PREFIX, momentum_buffers
 
 from . import CAPABILITIES
-from ._framework import keras, tf
+from ._framework import keras, replica_group, tf
 from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run,
-                     spec_of, xla_by_default)
+                     spec_of, strategy_of, xla_by_default)
 
 # Reproducibility on CPU: the step used to write the update as three ops (buf = m*buf + g;
 # read buf; w -= lr*buf). With momentum *and* weight decay on, two traces of that step (two
@@ -62,7 +75,7 @@ class Trainer:
     """One model's SGD state and compiled steps (see ``common.backend.Trainer``)."""
 
     def __init__(self, model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 jit_compile: bool | None = None, precision: str = "fp32"):
+                 jit_compile: bool | None = None, precision: str = "fp32", replicas: int = 1):
         for what, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{what} must be a number >= 0, got {value!r}")
@@ -70,12 +83,24 @@ class Trainer:
         self.model = model
         self.spec = spec_of(model)
         self.device = device_of(model)
-        self.jit_compile = xla_by_default(self.device) if jit_compile is None else bool(jit_compile)
+        self.replicas = check_replicas(replicas)
+        self._strategy = strategy_of(model)
+        if replicas > 1 and (self._strategy is None or self._strategy.num_replicas_in_sync != replicas):
+            have = 1 if self._strategy is None else self._strategy.num_replicas_in_sync
+            raise ValueError(f"replicas={replicas}, but the model was built for {have}: call "
+                             f"alexnet_tf.configure_replicas({replicas}) before building it")
+        if replicas == 1 and self._strategy is not None:
+            raise ValueError("the model's variables are mirrored over replicas: train it with replicas="
+                             f"{self._strategy.num_replicas_in_sync}")
+        self.group = replica_group() if replicas > 1 else SINGLE
+        if replicas > 1 and jit_compile:
+            raise ValueError("XLA (jit_compile) is not used with replicas: tf.distribute's custom loop runs uncompiled")
+        self.jit_compile = (xla_by_default(self.device) if jit_compile is None else bool(jit_compile)) and replicas == 1
         self.momentum = float(momentum)
         self.weight_decay = float(weight_decay)
         self._params = params(model)
         self._variables = [p.variable for p in self._params]
-        with tf.device(self.device):
+        with self._scope(), tf.device(self.device):
             self._lr = tf.Variable(float(lr), dtype=tf.float32, trainable=False, name="lr")
             self._buffers = [
                 tf.Variable(tf.zeros(p.variable.shape, tf.float32), trainable=False, name=f"momentum_{i}")
@@ -84,9 +109,17 @@ class Trainer:
         self._resize_cache: dict[tuple[int, int], tuple] = {}
         x_spec = input_signature(self.spec)
         y_spec = tf.TensorSpec((None,), tf.int64)
-        self._train = compile_fn(self._train_fn, input_signature=[x_spec, y_spec, tf.TensorSpec((), tf.int64)],
-                                 jit_compile=self.jit_compile)
+        if replicas == 1:
+            self._train = compile_fn(self._train_fn, input_signature=[x_spec, y_spec, tf.TensorSpec((), tf.int64)],
+                                     jit_compile=self.jit_compile)
+        else:
+            self._train = compile_fn(self._distributed_train_fn,
+                                     input_signature=[x_spec, y_spec, tf.TensorSpec((replicas,), tf.int64)])
+            self._any = compile_fn(self._any_fn, input_signature=[tf.TensorSpec((), tf.int32)])
         self._eval = compile_fn(self._eval_fn, input_signature=[x_spec, y_spec], jit_compile=JIT_EVAL)
+
+    def _scope(self):
+        return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
 
     @property
     def options(self) -> dict[str, object]:
@@ -121,6 +154,52 @@ class Trainer:
                 else:
                     variable.assign_sub(lr * grad)
             return loss, correct_count(logits, labels)
+
+    def _distributed_train_fn(self, x, labels, seeds):
+        """One step of every replica: each its slice of the global batch, gradients all-reduced."""
+        replicas = self.replicas
+        batch = tf.shape(labels, out_type=tf.int64)[0]
+
+        def replica_step(x, labels, seeds):
+            context = tf.distribute.get_replica_context()
+            replica = tf.cast(context.replica_id_in_sync_group, tf.int64)
+            # common.replicas.shard_bounds in the graph: sizes differ by one at most, the larger first
+            size, extra = batch // replicas, batch % replicas
+            start = replica * size + tf.minimum(replica, extra)
+            stop = start + size + tf.cast(replica < extra, tf.int64)
+            x, labels = x[start:stop], labels[start:stop]
+            with tf.GradientTape() as tape:
+                with _compute_policy(self.model, POLICIES[self.precision]):
+                    logits = tf.cast(run(self.model, x, training=True, seed=seeds[replica]), tf.float32)
+                loss = tf.nn.compute_average_loss(cross_entropy(logits, labels), global_batch_size=batch)
+            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, self._variables))
+            lr, momentum = self._lr, tf.constant(self.momentum, tf.float32)
+            # In the replica context a mirrored variable's handle is this replica's own copy: every
+            # replica applies the same all-reduced step to its copy.
+            for index, (variable, grad) in enumerate(zip(self._variables, grads)):
+                if self.weight_decay:  # after the all-reduce: once, not once per replica
+                    grad = grad + self.weight_decay * variable.value
+                if self.momentum:
+                    tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle,
+                                                     lr=lr, grad=grad, momentum=momentum)
+                else:
+                    tf.raw_ops.ResourceApplyGradientDescent(var=variable.value.handle, alpha=lr, delta=grad)
+            return loss, correct_count(logits, labels)
+
+        loss, correct = self._strategy.run(replica_step, args=(x, labels, seeds))
+        total = tf.distribute.ReduceOp.SUM
+        return self._strategy.reduce(total, loss, axis=None), self._strategy.reduce(total, correct, axis=None)
+
+    def _any_fn(self, flag):
+        """How many replicas were given a true ``flag`` (ReduceOp has no MAX: a sum does)."""
+        return self._strategy.reduce(tf.distribute.ReduceOp.SUM, self._strategy.run(lambda: flag), axis=None)
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process of the group passes ``flag`` true (every process calls this at the same
+        step; with one process, ``flag`` itself)."""
+        if self.group.processes == 1:
+            return bool(flag)
+        return int(self._any(tf.constant(int(bool(flag)), tf.int32))) > 0
 
     def _eval_fn(self, x, labels):
         with tf.device(self.device):
@@ -170,8 +249,13 @@ class Trainer:
             return tf.tile(x[..., None], (1, 1, 1, self.spec.in_channels))
 
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
+        """One SGD step on the global batch (over the replicas, if several); (mean loss, correct)."""
+        if self.replicas == 1:
+            seeds = tf.constant(int(seed), tf.int64)
+        else:  # replica r draws its dropout masks from common.replicas.replica_seed(seed, r)
+            seeds = tf.constant([replica_seed(seed, r, self.replicas) for r in range(self.replicas)], tf.int64)
         # float() copies the result to the host, so the step has finished when this returns
-        loss, correct = self._train(self._input(x), self._labels(labels), tf.constant(int(seed), tf.int64))
+        loss, correct = self._train(self._input(x), self._labels(labels), seeds)
         return float(loss), int(correct)
 
     def eval_step(self, x, labels) -> tuple[float, int]:
@@ -193,9 +277,10 @@ class Trainer:
 
 
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 jit_compile: bool | None = None, precision: str = "fp32") -> Trainer:
+                 jit_compile: bool | None = None, precision: str = "fp32", replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default: on a GPU only,
     see ``_model.xla_by_default``) compiles the train step with XLA; ``precision`` "bf16" computes in
-    bfloat16 with float32 weights (default "fp32", what the parity suite checks)."""
+    bfloat16 with float32 weights (default "fp32", what the parity suite checks). ``replicas`` N > 1
+    trains a model built after ``configure_replicas(N)`` with its strategy (module docstring)."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, jit_compile=jit_compile,
-                   precision=precision)
+                   precision=precision, replicas=replicas)

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from . import shapes
+from .replicas import ReplicaEngine
 from .report import format_table
 from .spec import ModelSpec
 
@@ -75,6 +76,9 @@ class Capabilities:
     # Deployable artifacts ``alexnet export`` writes (file endings), through the backend's
     # ``export_artifacts(model, folder)``; each runs with its framework's plain loader, no project code.
     exports: tuple[str, ...] = ()
+    # The framework's own data-parallel engines (``configure_replicas``); the first is what
+    # ``alexnet train --replicas N`` uses on one machine. Empty: one replica only.
+    replicas: tuple[ReplicaEngine, ...] = ()
 
     def __post_init__(self):
         for what, values, allowed in (("precisions", self.precisions, PRECISIONS),
@@ -124,15 +128,16 @@ def _face_path(name: str) -> Path:
 def capabilities(name: str) -> Capabilities:
     """Backend ``name``'s record, as its face declares it, read WITHOUT importing the framework
     (``alexnet --help`` and the bench's parent process never import one). The face's
-    ``CAPABILITIES = Capabilities(...)`` is evaluated with only ``Capabilities`` and ``SpeedUp``
-    in scope; ``tests/test_layout.py`` checks the result equals the imported module's record."""
+    ``CAPABILITIES = Capabilities(...)`` is evaluated with only ``Capabilities``, ``SpeedUp`` and
+    ``ReplicaEngine`` in scope; ``tests/test_layout.py`` checks the result equals the imported module's record."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     path = _face_path(name)
     for node in ast.parse(path.read_text(), str(path)).body:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CAPABILITIES"]:
             code = compile(ast.Expression(node.value), str(path), "eval")
-            return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp})
+            return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp,
+                               "ReplicaEngine": ReplicaEngine})
     raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
 
 
@@ -423,7 +428,7 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 __all__ = [
     "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
-    "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "SpeedUp", "Trainer", "all_speed_ups",
+    "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
     "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr", "choose_device",
     "effective_math", "exporting_backends", "layer_summary", "load_backend",
     "math_environment", "prepared_reference", "require_framework", "speed_up_choices", "speed_up_owner",

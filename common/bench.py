@@ -12,6 +12,14 @@ framework-free: it plans the jobs, reads their JSON results and reports (termina
 The framework-specific speed-ups, and the flags that switch them (``--off``, ``--on``, or
 ``--ablate`` for each one flipped in turn), are each backend's ``CAPABILITIES.speed_ups``. docs/benchmarks.md has the
 measurements.
+
+``--replicas 1,2`` times data-parallel training through each framework's own engine (the first
+of ``CAPABILITIES.replicas``: one process per replica, started together by ``common.launch``, or
+one process driving every replica). Each replica takes ``--batch-sizes`` examples per step (the
+global batch is N times that), and the scaling efficiency is the training images/s at N
+replicas over N times the images/s of one replica at the same per-replica batch: 1.0 when N
+replicas do N times the work in the same time. Where the replicas share the same cores (a CPU)
+it measures the engine's overhead, not a speed-up.
 """
 from __future__ import annotations
 
@@ -25,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +45,7 @@ from .bench_worker import THREAD_COUNT_VARIABLES
 from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        default_run_dir, int_list, non_negative_int, positive_int, training_backend_list)
 from .io import write_text_atomic
+from .launch import replica_processes, run_processes
 from .machine import cpu_features, cpu_model, usable_cpus
 from .report import format_table, human_bytes
 from .spec import get_spec
@@ -89,6 +98,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=non_negative_int, metavar="N",
                    help="threads per framework: sets " + ", ".join(THREAD_COUNT_VARIABLES) + " for the workers "
                         "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")
+    p.add_argument("--replicas", type=functools.partial(int_list, name="replicas"), default=(1,), metavar="N,N",
+                   help="data-parallel replicas through each framework's own engine, e.g. 1,2: the batch size is "
+                        "per replica, and the table gives the scaling efficiency against 1 (default 1)")
     p.add_argument("--matmul-size", type=positive_int, metavar="N",
                    help="N x N matrices for the peak rate (default 2048 on CPU, 8192 on GPU)")
     p.add_argument("--timeout", type=positive_int, default=3600, metavar="S", help="seconds per job (default 3600)")
@@ -102,14 +114,20 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 class Config:
     backend: str
     impl: str  # "alexnet" (the library) or "plain" (the book's code)
-    batch_size: int
+    batch_size: int  # per replica
     options: tuple[tuple[str, bool], ...] = ()  # make_trainer overrides, by feature name
+    replicas: int = 1
 
     @property
     def variant(self) -> str:
         if self.impl == "plain":
             return "plain (book)"
-        return ", ".join(f"{name}={'on' if value else 'off'}" for name, value in self.options) or "default"
+        variant = ", ".join(f"{name}={'on' if value else 'off'}" for name, value in self.options) or "default"
+        return variant if self.replicas == 1 else f"{variant}, {self.replicas} replicas"
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.replicas
 
     @property
     def label(self) -> str:
@@ -137,11 +155,16 @@ def _check(args) -> None:
     except ValueError as error:
         raise BenchError(str(error)) from None
     shapes.check_input(get_spec("book"), (1, args.input_size, args.input_size))
+    if max(args.replicas) > 1:
+        for backend in args.backends:
+            if not capabilities(backend).replicas:
+                raise BenchError(f"--replicas: backend {backend} has no data-parallel engine")
 
 
 def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
     return {
-        "backend": config.backend, "impl": config.impl, "batch_size": config.batch_size,
+        "backend": config.backend, "impl": config.impl, "batch_size": config.global_batch,
+        "replicas": config.replicas,
         "options": capabilities(config.backend).trainer_keywords(dict(config.options)),
         "input_size": args.input_size, "device": args.device, "precision": args.precision, "math": args.math,
         "steps": args.steps, "warmup": args.warmup,
@@ -165,20 +188,35 @@ def worker_environment(threads: int | None, math: str = "fp32") -> dict[str, str
 
 def run_job(config: Config, args, data_dir: str | None, workdir: Path, index: int) -> dict:
     """One configuration in a fresh interpreter; its measurements, or BenchError."""
-    stem = f"{index:03d}-{config.backend}-{config.impl}-b{config.batch_size}"
+    stem = f"{index:03d}-{config.backend}-{config.impl}-b{config.batch_size}-r{config.replicas}"
     job_path, result_path, log_path = (workdir / f"{stem}{suffix}" for suffix in (".job.json", ".result.json", ".log"))
     job_path.write_text(json.dumps(_job(config, args, data_dir, result_path)))
-    env = worker_environment(args.threads, args.math)
+    command = [sys.executable, "-m", "common.bench_worker", str(job_path)]
+    engines = capabilities(config.backend).replicas
+    if config.replicas > 1 and engines[0].processes:  # one process per replica; rank 0 writes the result
+        threads = args.threads if args.threads == 0 else max(1, (args.threads or usable_cpus()) // config.replicas)
+        env = worker_environment(threads, args.math)
+        processes = replica_processes(command, config.replicas, threads=threads or None)
+        for process in processes:
+            process.env.update({k: env[k] for k in env if k not in process.env and os.environ.get(k) != env[k]})
+    else:
+        env = worker_environment(args.threads, args.math)
     with open(log_path, "w") as log:
-        try:
-            process = subprocess.run([sys.executable, "-m", "common.bench_worker", str(job_path)], env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{config.label}, batch {config.batch_size}: no result after {args.timeout} s "
-                             f"(--timeout); log: {log_path}") from None
+        if config.replicas > 1 and engines[0].processes:
+            code = run_processes(processes, timeout=args.timeout, stdout=log, stderr=subprocess.STDOUT)
+            if code == 124:
+                raise BenchError(f"{config.label}, batch {config.batch_size}: no result after {args.timeout} s "
+                                 f"(--timeout); log: {log_path}")
+        else:
+            try:
+                code = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=args.timeout).returncode
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"{config.label}, batch {config.batch_size}: no result after {args.timeout} s "
+                                 f"(--timeout); log: {log_path}") from None
     if not result_path.is_file():
         tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        raise BenchError(f"{config.label}, batch {config.batch_size}: the worker died (exit {process.returncode})"
+        raise BenchError(f"{config.label}, batch {config.batch_size}: the worker died (exit {code})"
                          f"{': ' + tail[0] if tail else ''}; log: {log_path}")
     result = json.loads(result_path.read_text())
     if "error" in result:
@@ -215,7 +253,7 @@ def _stats(values) -> dict[str, float]:
 
 def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dict:
     """Pooled figures of one configuration over its repeats."""
-    batch = config.batch_size
+    batch = config.global_batch
     train = {mode: sum((r["train_s"][mode] for r in results), []) for mode in results[0]["train_s"]}
     rates = {op: sum((r["matmul"]["gflops"][op] for r in results), []) for op in results[0]["matmul"]["gflops"]}
     peak_op, peak = max(((op, float(np.median(v))) for op, v in rates.items()), key=lambda item: item[1])
@@ -223,7 +261,8 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
     eval_s = sum((r["eval_s"] for r in results), [])
     summary = {
         "label": config.label, "backend": config.backend, "impl": config.impl, "variant": config.variant,
-        "batch_size": batch, "options": results[0]["options"], "device": results[0]["device"],
+        "batch_size": config.batch_size, "replicas": config.replicas, "global_batch": batch,
+        "options": results[0]["options"], "device": results[0]["device"],
         "device_name": results[0]["device_name"], "math": results[0]["math"],
         "train_images_per_s": images_per_s,
         "train_step_s": {mode: _stats(steps) for mode, steps in train.items()},
@@ -248,12 +287,17 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
 def _compare(rows: list[dict], machine_peak: float, flops: dict[str, int]) -> None:
     """Add the ratios between rows: against the machine's best measured matmul rate, and to the plain code."""
     plain = {(r["backend"], r["batch_size"]): r for r in rows if r["impl"] == "plain"}
+    single = {(r["backend"], r["batch_size"], r["label"].removesuffix(f", {r['replicas']} replicas")): r
+              for r in rows if r["impl"] != "plain" and r["replicas"] == 1}
     for row in rows:
         headline = _headline(row, "training")["median"]
         row["mfu_machine"] = headline * flops["training"] / (machine_peak * 1e9)
         base = plain.get((row["backend"], row["batch_size"]))
-        if row["impl"] != "plain" and base is not None:
+        if row["impl"] != "plain" and base is not None and row["replicas"] == 1:
             row["over_plain"] = headline / _headline(base, "training")["median"]
+        one = single.get((row["backend"], row["batch_size"], row["label"].removesuffix(f", {row['replicas']} replicas")))
+        if row["impl"] != "plain" and row["replicas"] > 1 and one is not None:  # images/s at N over N x one replica's
+            row["scaling"] = headline / (row["replicas"] * _headline(one, "training")["median"])
 
 
 # ---------------------------------------------------------------- output
@@ -268,7 +312,7 @@ def _ratio(value) -> str:
 
 def table(rows: list[dict]) -> str:
     headers = ["backend", "device", "math", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "MFU own", "MFU machine",
-               "vs plain", "real/synth", "peak host", "peak device"]
+               "vs plain", "scaling", "real/synth", "peak host", "peak device"]
     body = []
     for r in rows:
         train = _headline(r, "training")
@@ -277,7 +321,8 @@ def table(rows: list[dict]) -> str:
             r["backend"], r["device"], r["math"], r["variant"], r["batch_size"], f"{train['median']:.1f}", _spread(train),
             f"{step['median']:.3f}", f"{r['inference_images_per_s']['median']:.1f}", f"{r['mfu']:.2f}",
             f"{r['mfu_machine']:.2f}" if "mfu_machine" in r else "",
-            _ratio(r.get("over_plain")), _ratio(r.get("real_over_synthetic")), human_bytes(r["peak_host_bytes"]),
+            _ratio(r.get("over_plain")), _ratio(r.get("scaling")), _ratio(r.get("real_over_synthetic")),
+            human_bytes(r["peak_host_bytes"]),
             human_bytes(r["peak_device_bytes"]) if r["peak_device_bytes"] is not None else "",
         ])
     return format_table(headers, body)
@@ -364,7 +409,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
             print(" failed", flush=True)
             raise
         steps = result["train_s"].get("synthetic") or result["train_s"]["real"]
-        print(f" {config.batch_size / float(np.median(steps)):.1f} train img/s "
+        print(f" {config.global_batch / float(np.median(steps)):.1f} train img/s "
               f"({time.perf_counter() - began:.0f} s)", flush=True)
         results.setdefault(config, []).append(result)
         return result
@@ -376,6 +421,8 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
                 resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in all_speed_ups()[backend]}
                 for config in configs(args, backend, batch, resolved):
                     run(config, repeat)
+                for replicas in (n for n in args.replicas if n > 1):
+                    run(replace(default, replicas=replicas), repeat)
     return results
 
 
@@ -405,7 +452,7 @@ def _bench(args) -> int:
             raise
         rows = [summarise(config, runs, flops) for config, runs in results.items()]
         order = {name: i for i, name in enumerate(args.backends)}
-        rows.sort(key=lambda r: (r["batch_size"], order[r["backend"]], r["impl"] == "plain",
+        rows.sort(key=lambda r: (r["batch_size"], order[r["backend"]], r["impl"] == "plain", r["replicas"],
                                  r["variant"] != "default", r["variant"]))
         machine_peak = max(r["peak_gflops"] for r in rows)
         _compare(rows, machine_peak, flops)
@@ -453,6 +500,9 @@ def _bench(args) -> int:
           "/ measured matmul peak")
     print("  own: the same framework's peak, in the same process; machine: the best peak of the run; "
           "+-: half the interquartile range of per-step img/s")
+    if any("scaling" in r for r in rows):
+        print("scaling: training img/s with N replicas / (N x img/s of one replica), each replica taking the batch "
+              "shown; replicas sharing a CPU's cores measure the engine's overhead, not a speed-up")
     print(f"load average before/after: {load_before[0]:.1f} / {environment['load_average_after'][0]:.1f} "
           f"on {environment['usable_cpus']} CPUs ({environment['cpu']})")
     print(f"results: {out / RESULT_JSON}, chart: {out / RESULT_PNG}")

@@ -22,6 +22,10 @@ loop's order and runs the whole input pipeline (index, ``prepare``: copy to the 
 resize, normalise) inside the timed step. With both, the two alternate step by step, so a
 change in the machine's background load hits both alike.
 
+Replicas (``job["replicas"]`` N > 1): the framework's engine is set up first
+(``configure_replicas``), the batch is the global one, and with one process per replica every
+process runs this module (``common.launch``) while only rank 0 writes the result.
+
 Only this module imports a framework; ``common.bench`` (the parent) never does.
 """
 from __future__ import annotations
@@ -110,8 +114,11 @@ def run(job: dict) -> dict:
         options = {"precision": "fp32"}
     else:
         spec = get_spec("book").with_input(1, size)
+        replicas = {"replicas": job["replicas"]} if job.get("replicas", 1) > 1 else {}
+        if replicas:
+            backend.configure_replicas(job["replicas"], device)  # before the model: the engine decides its copies
         model = backend.build(spec, seed=0, device=device)
-        trainer = backend.make_trainer(model, lr=0.01, precision=job["precision"], **job["options"])
+        trainer = backend.make_trainer(model, lr=0.01, precision=job["precision"], **job["options"], **replicas)
         options = dict(getattr(trainer, "options", {}))
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8)
@@ -147,6 +154,7 @@ def run(job: dict) -> dict:
 
     return {
         "backend": name, "impl": job["impl"], "device": device, "batch_size": batch, "input_size": size,
+        "replicas": job.get("replicas", 1),
         "device_name": backend.gpu_status().detail if device == "gpu" else cpu_model(),
         "math": effective_math(job["math"], device),
         "options": options, "first_step_s": first_step_s, "train_s": train_s, "eval_s": eval_s,
@@ -202,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         result = {"error": str(error) or type(error).__name__, "error_type": type(error).__name__}
         code = 1
-    write_text_atomic(Path(job["result"]), json.dumps(result))
+    rank = int(os.environ.get("RANK", "0"))  # one process per replica: rank 0 reports for the group
+    write_text_atomic(Path(job["result"] + ("" if rank == 0 else f".rank{rank}")), json.dumps(result))
     return code
 
 

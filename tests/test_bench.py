@@ -197,3 +197,36 @@ def test_workers_get_every_usable_core_unless_told_otherwise(monkeypatch):
     assert all(worker_environment(3)[name] == "3" for name in THREAD_COUNT_VARIABLES)
     assert "OMP_NUM_THREADS" not in worker_environment(0)  # 0: each framework's own default
     assert str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+
+
+def test_scaling_is_images_per_s_at_n_over_n_times_one_replica():
+    """--replicas: made-up results for 1 and 2 replicas of 4 images each (global batch 8)."""
+    from common.bench import _compare
+
+    flops = {"training": 6_000_000_000, "inference": 2_000_000_000}
+
+    def result(step_s):
+        return {"train_s": {"synthetic": [step_s] * 3}, "eval_s": [0.5] * 3,
+                "matmul": {"n": 64, "gflops": {"a": [100.0] * 3}}, "options": {}, "device": "cpu",
+                "device_name": "Some CPU", "math": "fp32", "first_step_s": 1.0, "peak_host_bytes": 1,
+                "peak_device_bytes": None, "environment": {}}
+
+    one = summarise(Config("pt", "alexnet", 4), [result(1.0)], flops)  # 4 img/s
+    two = summarise(Config("pt", "alexnet", 4, replicas=2), [result(1.6)], flops)  # 8 images in 1.6 s: 5 img/s
+    assert two["global_batch"] == 8 and two["train_images_per_s"]["synthetic"]["median"] == 5.0
+    _compare([one, two], 100.0, flops)
+    assert two["scaling"] == pytest.approx(5.0 / (2 * 4.0)) and "scaling" not in one
+    assert "2 replicas" in two["variant"] and "0.62" in table([one, two])
+
+
+def test_two_pytorch_replicas_are_timed_with_their_scaling(tmp_path):
+    """End to end: two DDP processes started by the bench, one result, the scaling column filled."""
+    pytest.importorskip("torch")
+    result = bench("--backends", "pt", "--replicas", "1,2", *TINY, "--data", "synthetic", "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    header, rows = table_rows(result.stdout)
+    assert "scaling" in header
+    assert [r[3:5] for r in rows] == [["default", "2"], ["default,", "2"]]  # the second: "default, 2 replicas"
+    payload = json.loads((tmp_path / "o" / "bench.json").read_text())
+    second = payload["results"][1]
+    assert second["replicas"] == 2 and second["global_batch"] == 4 and 0 < second["scaling"]
