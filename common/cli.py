@@ -9,8 +9,10 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, Device
                       capabilities, exporting_backends, load_backend, training_backends)
 from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
-                       default_run_dir, momentum_value, non_negative_float, non_negative_int, positive_float,
+                       default_run_dir, dropout_rate, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
@@ -105,6 +107,8 @@ def _add_train_args(parser):
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dropout", type=dropout_rate, metavar="P",
+                        help="dropout probability of both dropout layers (default the spec's 0.5; 0 turns dropout off)")
     add_precision_arg(parser)
     add_math_arg(parser)
     add_speed_up_args(parser)
@@ -112,6 +116,8 @@ def _add_train_args(parser):
 
 def _training_spec(args):
     spec = get_spec("book").with_input(1, args.input_size)
+    if args.dropout is not None:
+        spec = spec.with_dropout(args.dropout)
     shapes.infer(spec)  # too small an input: the layer where it collapses, before any framework is imported
     return spec
 
@@ -120,7 +126,8 @@ def _fit_kwargs(args, backend: str | None) -> dict:
     return dict(speed_ups=chosen_speed_ups(args, backend), epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 momentum=args.momentum, weight_decay=args.weight_decay, seed=args.seed, limit_train=args.limit_train,
                 limit_test=args.limit_test, progress=not args.no_progress, log_epochs=True,
-                precision=args.precision, math_mode=args.math, command=getattr(args, "command_line", None))
+                precision=args.precision, math_mode=args.math, command=getattr(args, "command_line", None),
+                replicas=getattr(args, "replicas", 1))
 
 
 def _stopped_status(history) -> int:
@@ -138,21 +145,37 @@ def _check_numerics(args, names) -> None:
 
 def cmd_train(args) -> int:
     from .data import FashionMNIST
+    from .launch import started_as_replica
+    from .replicas import SINGLE, check_replicas
     from .train import RUN_FILES, prepare_run_dir
 
     _check_numerics(args, [args.backend])
 
     spec = _training_spec(args)
     capabilities(args.backend).trainer_keywords(_fit_kwargs(args, None)["speed_ups"])  # --on/--off, no import
+    check_replicas(args.replicas, args.batch_size)
+    engines = capabilities(args.backend).replicas
+    if args.replicas > 1 and not engines:
+        raise ValueError(f"--replicas: backend {args.backend} has no data-parallel engine")
+    if args.replicas > 1 and engines[0].processes and not started_as_replica():
+        return _launch_replicas(args)  # one process per replica, each running this command
+    backend, group = None, SINGLE
+    if args.replicas > 1:  # the engine first: it decides the model's copies and this process's rank
+        backend = load_backend(args.backend)
+        group = backend.configure_replicas(args.replicas, args.device)
+        if group.processes > 1 and args.run_dir is None:
+            raise ValueError(f"{group.processes} processes train together: give them the same --run-dir")
     # Cheapest checks first: the run dir is created and test-written (and a leftover temporary file
     # removed), then the data is read, and only then are the framework and the model paid for.
-    run_dir = prepare_run_dir(args.run_dir or default_run_dir(args.backend), resume=args.resume)
-    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
-    backend = load_backend(args.backend)
+    run_dir = args.run_dir or default_run_dir(args.backend)
+    run_dir = prepare_run_dir(run_dir, resume=args.resume) if group.writer else Path(run_dir)  # rank 0 writes
+    data = FashionMNIST.load(args.data_dir, progress=not args.no_progress and group.writer)
+    backend = backend or load_backend(args.backend)
     model = backend.build(spec, seed=args.seed, device=args.device)
     history = backend.fit(model, data, run_dir=run_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
                           **_fit_kwargs(args, None))
-    print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")
+    if group.writer:
+        print(f"run directory: {run_dir} ({', '.join(RUN_FILES)})")
     return _stopped_status(history)
 
 
@@ -180,6 +203,37 @@ def _evaluate_image_folder(args) -> int:
     print(f"{backend.FRAMEWORK}, {spec.name} variant, weights {source}: top-1 {top1 / n:.4f}, top-5 {top5 / n:.4f} "
           f"on {n:,} images in {args.images} (classes by {rule})")
     return 0
+
+
+def _launch_replicas(args) -> int:
+    """``alexnet train --replicas N`` for an engine with one process per replica (PyTorch's DDP): the
+    run dir is checked and the data found (downloaded once) here, then N copies of this command run
+    with torchrun's variables on 127.0.0.1 (``common.launch``) and this process waits for them,
+    passing on Ctrl-C and SIGTERM. The exit status is the first failing replica's (130/143 when a
+    signal stopped the run)."""
+    from .data import locate
+    from .launch import python_command, replica_processes, run_processes
+    from .train import prepare_run_dir
+
+    run_dir = prepare_run_dir(args.run_dir or default_run_dir(args.backend), resume=args.resume)
+    data_dir = locate(args.data_dir, progress=not args.no_progress)
+    argv = shlex.split(args.command_line)[1:] + ["--run-dir", str(run_dir), "--data-dir", str(data_dir)]
+    processes = replica_processes(python_command("-m", "common", *argv), args.replicas)
+    # Rank 0 talks to the terminal (progress, records, errors); the others write to logs, shown only
+    # where a replica failed differently from rank 0 (an error every replica meets is said once).
+    logs = Path(tempfile.mkdtemp(prefix="alexnet-replicas-"))
+    for process in processes[1:]:
+        process.log = str(logs / f"replica-{process.env['RANK']}.log")
+    codes: list[int] = []
+    status = run_processes(processes, exit_codes=codes)
+    different = [(rank, code) for rank, code in enumerate(codes) if rank and code not in (0, codes[0])]
+    for rank, code in different:
+        lines = [line for line in Path(processes[rank].log).read_text(errors="replace").splitlines() if line.strip()]
+        print(f"alexnet train: replica {rank} failed (exit {code}): {lines[-1] if lines else 'no output'} "
+              f"(log: {processes[rank].log})", file=sys.stderr)
+    if not different:
+        shutil.rmtree(logs, ignore_errors=True)
+    return status
 
 
 def cmd_evaluate(args) -> int:
@@ -430,6 +484,9 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="also save the checkpoint after every N-th step inside an epoch (default: at epoch ends)")
+    p.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                   help="synchronous data-parallel replicas through the framework's own engine (PyTorch DDP, "
+                        "tf.distribute, MXNet KVStore); the batch size is split over them (default 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights on Fashion-MNIST's test set, or "

@@ -66,6 +66,14 @@ def momentum_value(text: str) -> float:
     return value
 
 
+def dropout_rate(text: str) -> float:
+    """A dropout probability in [0, 1) (0 turns dropout off; 1 would drop everything)."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def int_list(text: str, *, name: str, count: int | None = None) -> tuple[int, ...]:
     """"32,128" -> (32, 128); every value positive, ``count`` of them if given."""
     try:

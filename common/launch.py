@@ -11,8 +11,10 @@ What it guarantees, so that nothing hangs and nothing is left behind:
 * Each child is in its own session: a Ctrl-C at the terminal reaches this process only, and is
   passed on to every child once per press (the first asks the training loop to stop after the
   step every replica agrees on, a second stops at once). SIGTERM is passed on the same way.
-* When one child fails, the others are sent SIGTERM, then SIGKILL after ``grace`` seconds: a
-  replica waiting in a collective for a dead peer is not left waiting.
+* When one child fails, the others get ``grace`` seconds to end by themselves, then SIGTERM, then
+  SIGKILL ``grace`` seconds later: a replica waiting in a collective for a dead peer is not left
+  waiting. (Not after a signal was
+  passed on: then every child is stopping, and rank 0 may still be saving.)
 * Children die with this process (Linux ``PR_SET_PDEATHSIG``), even when it is killed with SIGKILL.
 * ``timeout`` ends the whole group the same way (exit code 124).
 """
@@ -41,6 +43,7 @@ class Process:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     name: str = ""
+    log: str | None = None  # its stdout and stderr go to this file (else where run_processes sends them)
 
 
 def replica_processes(argv: list[str], replicas: int, *, port: int | None = None,
@@ -64,6 +67,13 @@ try:  # looked up here, so the child between fork and exec only calls it
 except (OSError, AttributeError):
     _PRCTL = None
 PR_SET_PDEATHSIG = 1
+# torchrun's variables: a process that has them was started as one replica of a group.
+REPLICA_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def started_as_replica() -> bool:
+    """Whether this process is one replica of a group a launcher started (torchrun, or ``replica_processes``)."""
+    return all(name in os.environ for name in REPLICA_VARIABLES)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -72,15 +82,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def run_processes(processes: list[Process], *, timeout: float | None = None, grace: float = 10.0,
-                  stdout=None, stderr=None, cwd: str | None = None) -> int:
+                  stdout=None, stderr=None, cwd: str | None = None, exit_codes: list[int] | None = None) -> int:
     """Start ``processes``, wait for all, and return 0 if every one succeeded, else the first
-    failure's exit code (a child killed by a signal: 128 + signal; the timeout: 124)."""
+    failure's exit code (a child killed by a signal: 128 + signal; the timeout: 124). ``exit_codes``,
+    if given, receives every process's exit status in order."""
     children: list[subprocess.Popen] = []
     failure: list[int] = []
+    forwarded: list[int] = []
     deadline = None if timeout is None else time.monotonic() + timeout
     previous = {}
 
     def forward(signum, frame):
+        forwarded.append(signum)
         for child in children:
             if child.poll() is None:
                 _send(child, signum)
@@ -90,14 +103,23 @@ def run_processes(processes: list[Process], *, timeout: float | None = None, gra
         if on_main_thread:
             previous = {s: signal.signal(s, forward) for s in FORWARDED}
         for process in processes:
-            children.append(subprocess.Popen(
-                process.argv, env={**os.environ, **process.env}, cwd=cwd, stdout=stdout, stderr=stderr,
-                start_new_session=True, preexec_fn=_die_with_parent))
+            log = open(process.log, "w") if process.log else None
+            try:
+                children.append(subprocess.Popen(
+                    process.argv, env={**os.environ, **process.env}, cwd=cwd, stdout=log or stdout,
+                    stderr=subprocess.STDOUT if log else stderr, start_new_session=True, preexec_fn=_die_with_parent))
+            finally:
+                if log is not None:
+                    log.close()  # the child has its own descriptor
         while True:
             codes = [child.poll() for child in children]
             failed = [code for code in codes if code not in (None, 0)]
             if failed and not failure:
                 failure.append(_exit_status(failed[0]))
+                failed_at = time.monotonic()
+            # After a failure the others get ``grace`` seconds to end by themselves (they usually meet the
+            # same error), then are ended; not after a signal was passed on: they are stopping (and saving).
+            if failure and not forwarded and time.monotonic() > failed_at + grace:
                 _end(children, grace)
             if all(code is not None for code in codes):
                 break
@@ -110,6 +132,8 @@ def run_processes(processes: list[Process], *, timeout: float | None = None, gra
         _end(children, grace)  # also on an exception here (e.g. a failed start): nothing outlives us
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if exit_codes is not None:
+        exit_codes[:] = [_exit_status(child.returncode) for child in children]
     return failure[0] if failure else 0
 
 

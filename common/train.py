@@ -40,6 +40,7 @@ import numpy as np
 from . import data as fmnist
 from .backend import effective_math
 from .io import check_writable, remove_stale_temporaries, write_text_atomic
+from .replicas import SINGLE, check_replicas
 from .machine import cpu_model
 from .spec import Dropout
 from .weights import check_finite, non_finite, read_npz, save_weights
@@ -87,6 +88,9 @@ class TrainConfig:
     num_classes: int = 10
     dropout: tuple[float, ...] = (0.5, 0.5)
     math: str = "fp32"  # the float32 math mode in effect (common.backend.effective_math: fp32 on a CPU)
+    # Data-parallel replicas: the same step as one replica up to float32 rounding, so a resume that
+    # repeats a run bit for bit keeps their number.
+    replicas: int = 1
     # The trainer's speed options as resolved (Trainer.options, precision included): they change the
     # rounding, so a resumed run repeats an uninterrupted one bit for bit only with the same ones.
     trainer_options: tuple[tuple[str, object], ...] = ()
@@ -204,7 +208,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
         limit_test: int | None = None, data_dir: str | os.PathLike | None = None,
         progress: bool = True, speed_ups: Mapping[str, bool] | None = None,
         log_epochs: bool | None = None, precision: str = "fp32", math_mode: str = "fp32",
-        checkpoint_every: int | None = None, command: str | None = None) -> History:
+        checkpoint_every: int | None = None, command: str | None = None, replicas: int = 1) -> History:
     """Train ``model`` with the book's recipe by default (SGD lr 0.01, batch 128, 10 epochs).
 
     With ``run_dir``: metrics.csv/json, curves.png and checkpoint.npz are written there after
@@ -216,27 +220,34 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     ``precision`` ("fp32", "bf16", "fp16": the backend's ``CAPABILITIES.precisions``) and ``math_mode``
     ("fp32" or "tf32" float32 math on GPUs) are checked before any data is loaded.
     ``command`` is recorded as the command line (default: this process's ``sys.argv``).
+    ``replicas`` N > 1 trains with the framework's data-parallel engine, set up (``backend.configure_replicas(N)``)
+    before the model was built: each step's ``batch_size`` examples are split over the replicas, and
+    in a group of processes, each runs this loop and rank 0 alone shows progress and writes the run.
     Raises DivergedError on NaN/inf (the module docstring lists every fault and what is kept).
     """
     log_epochs = progress if log_epochs is None else log_epochs
     keywords = backend.CAPABILITIES.trainer_keywords(speed_ups or {})
+    group = _replica_group(backend, check_replicas(replicas, batch_size))
+    progress, log_epochs = progress and group.writer, log_epochs and group.writer
     backend.CAPABILITIES.check_precision(precision)
     backend.set_math_mode(math_mode)
     spec = backend.model_spec(model)
     on_gpu = "gpu" in backend.parameter_devices(model)
     config = TrainConfig.of(backend.NAME, spec, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                             weight_decay=weight_decay, seed=seed, limit_train=limit_train, limit_test=limit_test,
-                            math=effective_math(math_mode, "gpu" if on_gpu else "cpu"))
+                            math=effective_math(math_mode, "gpu" if on_gpu else "cpu"), replicas=replicas)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     if (resume or checkpoint_every) and run_dir is None:
         raise ValueError("resume and checkpoint_every need the run_dir that holds the checkpoint")
-    run = prepare_run_dir(run_dir, resume=resume) if run_dir is not None else None
+    run = None if run_dir is None else prepare_run_dir(run_dir, resume=resume) if group.writer else Path(run_dir)
     data = data if data is not None else fmnist.FashionMNIST.load(data_dir, progress=progress)
     train_x, train_y = data.train_images[:limit_train], data.train_labels[:limit_train]
     test_x, test_y = data.test_images[:limit_test], data.test_labels[:limit_test]
     trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
-                                   **keywords)
+                                   **keywords, **({"replicas": replicas} if replicas > 1 else {}))
+    if run is not None and group.writer:
+        trainer.optimizer_state()  # a trainer that cannot checkpoint its state says so now, not after an epoch
     config = replace(config, trainer_options=tuple(sorted(trainer.options.items())))
     history = History(backend.NAME, config={**config.comparable(), "epochs": epochs})
     batches_per_epoch = fmnist.num_batches(len(train_y), batch_size, drop_last=False)
@@ -247,12 +258,20 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
             raise TrainingError(f"{run / CHECKPOINT} has finished {position.epoch} epoch(s) already; "
                                 f"ask for more (--epochs, now {epochs}) to train further")
     history.sessions.append(_session(backend, model, command))
+    if replicas > 1:
+        history.sessions[-1].update(replicas=replicas, engine=group.engine, processes=group.processes)
     saved = _Saved(run, batches_per_epoch, _copy(position) if resume else None)
 
     def save(*, plot: bool = True) -> None:
-        _save_run(run, config, backend, model, trainer, position, history, saved, plot=plot)
+        if group.writer:
+            _save_run(run, config, backend, model, trainer, position, history, saved, plot=plot)
 
-    stop = _StopOnSignal()
+    stop = _StopOnSignal(quiet=not group.writer)
+
+    def stopping() -> bool:
+        """Whether to stop here. Processes of a replica group decide together (a signal may reach one
+        before another): any one's request stops them all after the same step."""
+        return trainer.agree(bool(stop.requested)) if group.processes > 1 else bool(stop.requested)
     with stop:
         try:
             for epoch in range(position.epoch, epochs):
@@ -272,12 +291,12 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                     position.advance(loss, correct, len(indices))
                     history.steps.append({"epoch": epoch + position.batch / batches_per_epoch, "loss": loss,
                                           "acc": correct / len(indices)})
-                    if stop.requested:
+                    if stopping():
                         raise _StopRequested
                     done = epoch * batches_per_epoch + position.batch
                     if checkpoint_every and done % checkpoint_every == 0 and position.batch < batches_per_epoch:
                         save(plot=False)
-                        if stop.requested:
+                        if stopping():
                             raise _StopRequested
                     if hasattr(bar, "set_postfix"):
                         elapsed = time.perf_counter() - started
@@ -286,7 +305,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                                         img_s=f"{position.seen_this_session / max(elapsed, 1e-9):.1f}")
                 seconds = time.perf_counter() - started
                 test_loss, test_acc = evaluate(backend, model, test_x, test_y, trainer=trainer, progress=progress,
-                                               should_stop=lambda: bool(stop.requested))
+                                               should_stop=stopping)
                 if not math.isfinite(test_loss):
                     raise DivergedError(f"test loss became {test_loss} after epoch {epoch + 1}; {saved.describe()}")
                 history.rows.append({
@@ -301,7 +320,7 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                 position = _Position(epoch + 1)
                 if run is not None:
                     save()
-                if stop.requested:
+                if stopping():
                     raise _StopRequested
                 if log_epochs:
                     row = history.last
@@ -318,9 +337,23 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                 except KeyboardInterrupt:
                     forced = True
             note = "not saved (stopped at once); " if run is not None and saved.at != position.where else ""
-            _say(f"stopped by {history.stopped}: {note}{saved.describe()}"
-                 + ("; continue with --resume\n" if saved.at is not None else "\n"))
+            if group.writer:
+                _say(f"stopped by {history.stopped}: {note}{saved.describe()}"
+                     + ("; continue with --resume\n" if saved.at is not None else "\n"))
     return history
+
+
+def _replica_group(backend, replicas: int):
+    """The replica group ``fit`` runs in: one replica, or what ``backend.configure_replicas`` set up."""
+    if replicas == 1:
+        return SINGLE
+    if not backend.CAPABILITIES.replicas:
+        raise ValueError(f"the {backend.FRAMEWORK} backend ({backend.NAME}) has no data-parallel engine")
+    group = backend.replica_group()
+    if group.replicas != replicas:
+        raise ValueError(f"replicas={replicas}, but {group.replicas} replica(s) are set up: call "
+                         f"{backend.__name__}.configure_replicas({replicas}) before building the model")
+    return group
 
 
 class _StopOnSignal:
@@ -328,9 +361,10 @@ class _StopOnSignal:
     next batch boundary and save, so a checkpoint never holds a half-applied update; a second
     signal stops at once without saving (an interrupted save leaves the previous checkpoint)."""
 
-    def __init__(self):
+    def __init__(self, *, quiet: bool = False):
         self.requested = self.forced = False
         self.name: str | None = None
+        self.quiet = quiet  # replicas other than rank 0 stop without a word: rank 0 speaks for them
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
@@ -339,11 +373,13 @@ class _StopOnSignal:
             return  # already stopping at once
         if self.requested:
             self.forced = True
-            _say(f"\n{name} again: stopping at once, without saving\n")
+            if not self.quiet:
+                _say(f"\n{name} again: stopping at once, without saving\n")
             raise KeyboardInterrupt
         self.requested, self.name = True, name
         again = "press Ctrl-C again" if signum == signal.SIGINT else f"send {name} again"
-        _say(f"\n{name}: stopping after this step and saving ({again} to stop at once)\n")
+        if not self.quiet:
+            _say(f"\n{name}: stopping after this step and saving ({again} to stop at once)\n")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -271,3 +271,122 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as stat:  # a zombie (dead, not yet reaped by init) is not alive
         return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+# ------------------------------------------------------------------ alexnet train --replicas N
+from tests.conftest import REAL_DATA  # noqa: E402
+
+needs_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
+SMALL = ["--epochs", "1", "--limit-train", "20", "--batch-size", "8", "--limit-test", "16", "--input-size", "65",
+         "--momentum", "0.9", "--weight-decay", "5e-4", "--dropout", "0", "--data-dir", str(REAL_DATA), "--no-progress"]
+
+
+def train(*args, timeout=TIMEOUT):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "common", "train", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), timeout=timeout)
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    return {k: v for k, v in _load(run / "checkpoint.npz").items() if "/" not in k or k.startswith("optim/")}
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["pt", "tf", "mx"])
+def test_train_with_two_replicas_writes_one_run_equal_to_one_replica(name, tmp_path):
+    """3 steps of 8, 8 and 4 images (limit 20): the run directory of 2 replicas holds the numbers of 1."""
+    get_backend(name)
+    two = train("--backend", name, "--replicas", "2", *SMALL, "--run-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run directory:") == 1 and two.stdout.count(f"{name} epoch 1:") == 1  # rank 0 only
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+        ["checkpoint.npz", "curves.png", "metrics.csv", "metrics.json", "steps.csv"])
+    record = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert record["config"]["replicas"] == 2 and record["config"]["dropout"] == [0.0, 0.0]
+    assert record["sessions"][0]["replicas"] == 2
+    one = train("--backend", name, *SMALL, "--run-dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
+    assert sorted(a) == sorted(b) and len(a) == 32  # weights and momentum buffers
+    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+    assert worst <= MOMENTUM_TOL, worst
+    losses = [json.loads((tmp_path / run / "metrics.json").read_text())["epochs"][0]["train_loss"]
+              for run in ("two", "one")]
+    assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
+
+
+@needs_data
+def test_a_replicated_run_resumes(tmp_path):
+    get_backend("pt")
+    run = str(tmp_path / "run")
+    first = train("--backend", "pt", "--replicas", "2", *SMALL, "--run-dir", run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = train("--backend", "pt", "--replicas", "2", *SMALL, "--epochs", "2", "--run-dir", run, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [row["epoch"] for row in record["epochs"]] == [1, 2] and len(record["sessions"]) == 2
+
+
+@needs_data
+def test_a_run_resumes_with_its_own_number_of_replicas_only(tmp_path):
+    get_backend("pt")
+    run = str(tmp_path / "run")
+    first = train("--backend", "pt", *SMALL, "--run-dir", run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = train("--backend", "pt", "--replicas", "2", *SMALL, "--epochs", "2", "--run-dir", run, "--resume")
+    assert other.returncode == 2, other.stderr[-3000:]
+    lines = [line for line in other.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and "replicas: checkpoint 1, now 2" in lines[0] and "Traceback" not in other.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--replicas", "2", "--batch-size", "9"], "the batch size 9 does not split evenly over 2 replicas"),
+    (["--replicas", "0"], "argument --replicas: must be a positive integer"),
+    (["--dropout", "1"], "argument --dropout: must be a number in [0, 1)"),
+])
+def test_bad_replica_settings_are_one_line_errors(args, message, tmp_path):
+    result = train("--backend", "pt", *args, "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return [pid for pid in found if _alive(pid)]
+
+
+@needs_data
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_stops_every_replica_after_the_same_step_and_rank_0_saves(signum, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    get_backend("pt")
+    run = tmp_path / "run"
+    args = [a for a in SMALL if a != "20"] + ["--limit-train", "800", "--checkpoint-every", "2"]
+    args.remove("--limit-train")
+    parent = subprocess.Popen([sys.executable, "-m", "common", "train", "--backend", "pt", "--replicas", "2", *args,
+                               "--run-dir", str(run)], cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while not (run / "checkpoint.npz").exists() and parent.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert parent.poll() is None, parent.communicate()[1][-3000:]
+    parent.send_signal(getattr(signal, signum))
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 128 + int(getattr(signal, signum)), err[-3000:]
+    assert err.count(f"stopped by {signum}") == 1  # rank 0 speaks for the group
+    position = _load(run / "checkpoint.npz")["meta/position"]
+    assert 2 <= position[1] < 100  # saved inside the epoch (100 steps), at the step the replicas agreed on
+    assert _processes_naming(str(run)) == []  # no replica left behind
