@@ -116,7 +116,7 @@ def _add_train_args(parser):
 
 def _training_spec(args):
     spec = get_spec("book").with_input(1, args.input_size)
-    if args.dropout is not None:
+    if getattr(args, "dropout", None) is not None:  # train and compare have --dropout; evaluate has no dropout
         spec = spec.with_dropout(args.dropout)
     shapes.infer(spec)  # too small an input: the layer where it collapses, before any framework is imported
     return spec
