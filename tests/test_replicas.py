@@ -12,9 +12,15 @@ The 65x65 AlexNet takes 4 steps (momentum 0.9, weight decay 5e-4, dropout off) o
 batches of 8, 8, 8 and 5 (the last split 3 + 2). Tolerances, float32: the replicas sum their
 gradients in another order than one replica does, so the results differ in the last bits; here
 the largest differences were ~4e-9 (weights) and ~3e-8 (momentum buffers). The asserted bounds
-are 1e-6 and 1e-5: a single ReLU decided differently (design.md) would move a weight by ~4e-6,
-and the classic mistakes are far larger (weight decay added once per replica: ~1e-4 on the
-momentum buffers; MXNet's ``step`` with the per-replica batch: a step twice too long).
+are 1e-6 and 1e-5 for the bulk of every array. A decision that float32 rounding can tip (a
+ReLU input within rounding of zero, design.md) is not a bug, and it happens: on an AMD EPYC
+(AVX2) one fc7 unit of one example flipped under TensorFlow's two replicas, which moved
+fc7.bias by 3.8e-6 and its momentum by 8.1e-5 in one element each, everything else staying
+below 2e-7 / 4e-6. So an array may hold a few such elements (``FLIPPED_ELEMENTS``) beyond the
+bound, up to ``FLIP_FACTOR`` times it; the classic mistakes move whole arrays (weight decay
+added once per replica: ~1e-4 on every momentum buffer; MXNet's ``step`` with the per-replica
+batch: every step twice too long), and ``test_the_equivalence_rule_tells_a_flip_from_a_bug``
+holds the rule to that.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from tests.conftest import REQUIRE_ALL
 
 WORKER = str(Path(__file__).with_name("replica_worker.py"))
 WEIGHT_TOL, MOMENTUM_TOL, LOSS_RTOL = 1e-6, 1e-5, 1e-5
+FLIPPED_ELEMENTS, FLIP_FACTOR = 4, 100  # per array: elements a tipped decision may move, and how far
 TIMEOUT = 180  # seconds for a whole group of processes; they take 5-25 s here
 
 
@@ -102,6 +109,37 @@ def _load(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def _assert_equivalent_arrays(result: dict[str, np.ndarray], names: list[str], tol: float,
+                              reference: dict[str, np.ndarray] | None = None) -> float:
+    """Each ``result[name]`` equals ``reference[name]`` (default: ``result["ref/" + name]``) within
+    ``tol``, but for at most FLIPPED_ELEMENTS elements per array off by up to FLIP_FACTOR x tol
+    (a decision rounding tipped: module docstring); returns the largest difference."""
+    worst, faults = 0.0, []
+    for name in names:
+        diff = np.abs(result[name] - (result[f"ref/{name}"] if reference is None else reference[name]))
+        beyond = int((diff > tol).sum())
+        worst = max(worst, float(diff.max()))
+        if beyond > FLIPPED_ELEMENTS or diff.max() > FLIP_FACTOR * tol:
+            faults.append(f"{name}: {beyond} of {diff.size} elements beyond {tol:g}, worst {diff.max():.3g}")
+    assert not faults, "; ".join(faults)
+    return worst
+
+
+def test_the_equivalence_rule_tells_a_flip_from_a_bug():
+    rng = np.random.default_rng(0)
+    reference = {name: rng.normal(0, 0.03, size).astype(np.float32) for name, size in (("w", 4096), ("b", 10))}
+    rounding = {name: value + np.float32(1e-7) for name, value in reference.items()}
+    flipped = {**rounding, "w": rounding["w"].copy()}
+    flipped["w"][17] += np.float32(8.1e-5)  # one element, as the tipped fc7 unit moved its momentum
+    assert _assert_equivalent_arrays(rounding, ["w", "b"], MOMENTUM_TOL, reference) < MOMENTUM_TOL
+    assert _assert_equivalent_arrays(flipped, ["w", "b"], MOMENTUM_TOL, reference) > MOMENTUM_TOL
+    for bug in ({**rounding, "w": reference["w"] * np.float32(1.01)},  # a whole array off (a step too long)
+                {**rounding, "b": reference["b"] + np.float32(2e-5)},  # a small array off (doubled decay)
+                {**rounding, "w": flipped["w"] + np.float32(5e-3) * (np.arange(4096) == 5)}):  # one far off
+        with pytest.raises(AssertionError, match="elements beyond"):
+            _assert_equivalent_arrays(bug, ["w", "b"], MOMENTUM_TOL, reference)
+
+
 def _check_equivalent(result: dict[str, np.ndarray], engine: str) -> dict[str, float]:
     """Two replicas against one replica, from rank 0's file; returns the measured worst differences."""
     assert str(result["engine"]) == engine
@@ -109,12 +147,10 @@ def _check_equivalent(result: dict[str, np.ndarray], engine: str) -> dict[str, f
     weights = [k for k in names if "/" not in k]
     momentum = [k for k in names if k.startswith("momentum/")]
     assert len(weights) == 16
-    worst = {"weights": max(float(np.abs(result[k] - result[f"ref/{k}"]).max()) for k in weights)}
-    assert worst["weights"] <= WEIGHT_TOL, worst
+    worst = {"weights": _assert_equivalent_arrays(result, weights, WEIGHT_TOL)}
     if engine != "dist_sync":  # the servers keep dist_sync's momentum
         assert len(momentum) == 16
-        worst["momentum"] = max(float(np.abs(result[k] - result[f"ref/{k}"]).max()) for k in momentum)
-        assert worst["momentum"] <= MOMENTUM_TOL, worst
+        worst["momentum"] = _assert_equivalent_arrays(result, momentum, MOMENTUM_TOL)
     # the steps moved the weights far more than the tolerance: the comparison is not between untouched models
     initial = init_weights(book_alexnet().with_input(1, 65, 65), 7)
     assert max(float(np.abs(result[f"ref/{k}"] - initial[k]).max()) for k in weights) > 100 * WEIGHT_TOL
@@ -177,8 +213,7 @@ def test_pytorch_replicas_draw_dropout_masks_from_their_own_seeds(tmp_path):
     result = _load(tmp_path / "run-0.npz")
     weights = [k for k in result if f"ref/{k}" in result]
     assert len(weights) == 16
-    worst = max(float(np.abs(result[k] - result[f"ref/{k}"]).max()) for k in weights)
-    assert worst <= WEIGHT_TOL, worst
+    _assert_equivalent_arrays(result, weights, WEIGHT_TOL)
 
 
 # ------------------------------------------------------------------ the launcher: nothing hangs, nothing is left
@@ -309,8 +344,7 @@ def test_train_with_two_replicas_writes_one_run_equal_to_one_replica(name, tmp_p
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = _weights(tmp_path / "two"), _weights(tmp_path / "one")
     assert sorted(a) == sorted(b) and len(a) == 32  # weights and momentum buffers
-    worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
-    assert worst <= MOMENTUM_TOL, worst
+    _assert_equivalent_arrays(a, sorted(a), MOMENTUM_TOL, reference=b)
     losses = [json.loads((tmp_path / run / "metrics.json").read_text())["epochs"][0]["train_loss"]
               for run in ("two", "one")]
     assert losses[0] == pytest.approx(losses[1], rel=LOSS_RTOL)
