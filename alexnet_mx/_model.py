@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from common.backend import ARTIFACT_INPUT
-from common.io import atomic_path
+from common.io import atomic_path, atomic_paths
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
     AdaptiveAvgPool2d,
@@ -314,7 +314,8 @@ def export_artifacts(model, folder) -> list[Path]:
     input ``data`` and keeps the Dropout nodes (off only while autograd is not recording): here
     the input is ``input``, as in every artifact of this project, and dropout is not in the
     graph. Input float32 NCHW (batch, C, H, W) at the spec's size; one output, the logits.
-    Both files are written to temporaries first and renamed together at the end.
+    Both files are written to temporaries first and renamed together at the end
+    (``common.io.atomic_paths``): both appear, or neither.
     """
     model = _check_model(model)
     symbol = inference_symbol(model)
@@ -324,7 +325,7 @@ def export_artifacts(model, folder) -> list[Path]:
         raise RuntimeError(f"graph arguments without parameters: {sorted(arguments - set(params))}")
     folder = Path(folder)
     symbol_path, params_path = folder / ("alexnet" + SYMBOL_ENDING), folder / ("alexnet" + PARAMS_ENDING)
-    with atomic_path(params_path) as params_tmp, atomic_path(symbol_path) as symbol_tmp:
+    with atomic_paths(symbol_path, params_path) as (symbol_tmp, params_tmp):
         symbol.save(str(symbol_tmp))
         mx.nd.save(str(params_tmp), {f"arg:{name}": param.data(model.ctx).copyto(mx.cpu())
                                       for name, param in params.items()})

@@ -19,7 +19,7 @@ from torch import nn
 
 from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
-from common.io import atomic_path
+from common.io import atomic_path, atomic_paths
 from common.machine import cpu_flags
 from common.shapes import conv_in_channels, dense_in_features
 from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, resolve_weights
@@ -262,12 +262,10 @@ def export_artifacts(model: AlexNet, folder: str | os.PathLike) -> list[Path]:
     example = (torch.zeros(2, *spec.input_shape),)  # batch 2: torch.export specialises a dimension seen as 1
     batch = {0: torch.export.Dim("batch", min=1, max=EXPORT_MAX_BATCH)}
     program = torch.export.export(cpu.eval(), example, dynamic_shapes=(batch,))
-    pt2 = folder / "alexnet.pt2"
-    with atomic_path(pt2) as tmp:
-        torch.export.save(program, tmp)
-    onnx_program = torch.onnx.export(cpu, example, dynamo=True, dynamic_shapes=(batch,), verbose=False,
-                                     input_names=[ARTIFACT_INPUT], output_names=[ARTIFACT_OUTPUT])
-    onnx_path = folder / "alexnet.onnx"
-    with atomic_path(onnx_path) as tmp:
-        onnx_program.save(tmp, external_data=False)
+    pt2, onnx_path = folder / "alexnet.pt2", folder / "alexnet.onnx"
+    with atomic_paths(pt2, onnx_path) as (pt2_tmp, onnx_tmp):  # both files appear, or neither
+        torch.export.save(program, pt2_tmp)
+        onnx_program = torch.onnx.export(cpu, example, dynamo=True, dynamic_shapes=(batch,), verbose=False,
+                                         input_names=[ARTIFACT_INPUT], output_names=[ARTIFACT_OUTPUT])
+        onnx_program.save(onnx_tmp, external_data=False)
     return [pt2, onnx_path]

@@ -91,7 +91,8 @@ class Capabilities:
 
     def check_precision(self, precision: str) -> str:
         if precision not in self.precisions:
-            raise ValueError(f"the {self.framework} backend ({self.name}) trains in precision "
+            verb = "trains" if self.trains else "runs"
+            raise ValueError(f"the {self.framework} backend ({self.name}) {verb} in precision "
                              f"{' or '.join(self.precisions)}, not {precision!r}")
         return precision
 

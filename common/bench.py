@@ -20,6 +20,14 @@ global batch is N times that), and the scaling efficiency is the training images
 replicas over N times the images/s of one replica at the same per-replica batch: 1.0 when N
 replicas do N times the work in the same time. Where the replicas share the same cores (a CPU)
 it measures the engine's overhead, not a speed-up.
+
+A backend that does not train (``CAPABILITIES.trains`` False: ONNX Runtime) is benched where it
+is named (``--backends pt,onnx``; "all" means the training backends): its row has the inference
+figures (images/s, and MFU against its own matmul peak, measured in the same process) and "-"
+in every training column (``None`` or an empty mapping in ``bench.json``). ``--baseline``,
+``--ablate`` and ``--replicas`` compare training, so they are skipped for it, said in one
+line; a precision or math mode its record lacks is refused before any job starts, as for any
+backend.
 """
 from __future__ import annotations
 
@@ -43,16 +51,17 @@ from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_
                       speed_up_owner)
 from .bench_worker import THREAD_COUNT_VARIABLES
 from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
-                       default_run_dir, int_list, non_negative_int, positive_int, training_backend_list)
+                       backend_list, default_run_dir, int_list, non_negative_int, positive_int)
 from .io import write_text_atomic
 from .launch import replica_processes, run_processes
 from .machine import cpu_features, cpu_model, usable_cpus
-from .report import format_table, human_bytes
+from .report import NOT_APPLICABLE, format_table, human_bytes
 from .spec import get_spec
 
 DATA_MODES = ("synthetic", "real")
 PLAIN_MIN_INPUT = 67  # the book's TensorFlow and MXNet AlexNet pad no first convolution: 65x65 collapses
 RESULT_JSON, RESULT_PNG, LOG_DIR = "bench.json", "bench.png", "logs"
+NOT_TRAINED = NOT_APPLICABLE  # the table's cell for a training figure of a backend that does not train
 
 
 class BenchError(ValueError):
@@ -75,7 +84,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "matrix-multiply rate each framework measures on the same device. Writes a table, "
                     "bench.json and bench.png.",
     )
-    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx",
+                   help="default all: the backends that train; an inference-only one (onnx) is timed where named, "
+                        "inference only")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
                    metavar="N,N")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
@@ -145,6 +156,10 @@ def _check(args) -> None:
             capabilities(backend).check_precision(args.precision)
         except ValueError as error:
             raise BenchError(f"--precision {args.precision}: {error}") from None
+        try:
+            capabilities(backend).check_math_mode(args.math)
+        except ValueError as error:
+            raise BenchError(f"--math {args.math}: {error}") from None
     for names in (args.on, args.off):
         for name in names:
             if speed_up_owner(name) not in args.backends:
@@ -157,8 +172,18 @@ def _check(args) -> None:
     shapes.check_input(get_spec("book"), (1, args.input_size, args.input_size))
     if max(args.replicas) > 1:
         for backend in args.backends:
-            if not capabilities(backend).replicas:
+            if capabilities(backend).trains and not capabilities(backend).replicas:
                 raise BenchError(f"--replicas: backend {backend} has no data-parallel engine")
+
+
+def inference_only_notes(args) -> list[str]:
+    """One line per named backend that does not train: what its row holds, and which of the
+    training comparisons asked for (--baseline, --ablate, --replicas N) are skipped for it."""
+    skipped = (["--baseline"] * args.baseline + ["--ablate"] * args.ablate
+               + [f"--replicas {n}" for n in args.replicas if n > 1])
+    return [f"bench: {name} ({capabilities(name).framework}) runs inference only: its row has inference figures "
+            f"and {NOT_TRAINED} for training" + (f"; {', '.join(skipped)} skipped for it" if skipped else "")
+            for name in args.backends if not capabilities(name).trains]
 
 
 def _job(config: Config, args, data_dir: str | None, result: Path) -> dict:
@@ -234,7 +259,7 @@ def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None) ->
     base = chosen_speed_ups(args, backend)
     if defaults is None:
         return [Config(backend, "alexnet", batch, tuple(sorted(base.items())))]
-    result = [Config(backend, "plain", batch)] if args.baseline else []
+    result = [Config(backend, "plain", batch)] if args.baseline and capabilities(backend).trains else []
     if args.ablate:
         for feature in capabilities(backend).speed_ups:
             state = base.get(feature.name, defaults.get(feature.name))
@@ -261,6 +286,7 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
     eval_s = sum((r["eval_s"] for r in results), [])
     summary = {
         "label": config.label, "backend": config.backend, "impl": config.impl, "variant": config.variant,
+        "trains": capabilities(config.backend).trains,
         "batch_size": config.batch_size, "replicas": config.replicas, "global_batch": batch,
         "options": results[0]["options"], "device": results[0]["device"],
         "device_name": results[0]["device_name"], "math": results[0]["math"],
@@ -274,14 +300,20 @@ def summarise(config: Config, results: list[dict], flops: dict[str, int]) -> dic
         "peak_device_bytes": max((r["peak_device_bytes"] for r in results if r["peak_device_bytes"] is not None),
                                  default=None),
         "environment": results[0]["environment"], "repeats": len(results),
-        "runs": [{key: r[key] for key in ("train_s", "eval_s", "first_step_s", "matmul", "load_average") if key in r}
+        "runs": [{key: r[key] for key in ("train_s", "eval_s", "first_step_s", "first_inference_s", "matmul",
+                                          "load_average") if key in r}
                  for r in results],  # every step's seconds and every matmul rate, per repeat
     }
-    summary["mfu"] = _headline(summary, "training")["median"] * flops["training"] / (peak * 1e9)
-    summary["inference_mfu"] = summary["inference_images_per_s"]["median"] * flops["inference"] / (peak * 1e9)
+    summary["mfu"] = _utilisation(_headline(summary, "training"), flops["training"], peak)  # None: no training
+    summary["inference_mfu"] = _utilisation(summary["inference_images_per_s"], flops["inference"], peak)
     if "synthetic" in images_per_s and "real" in images_per_s:
         summary["real_over_synthetic"] = images_per_s["real"]["median"] / images_per_s["synthetic"]["median"]
     return summary
+
+
+def _utilisation(images_per_s: dict | None, flops_per_image: int, peak_gflops: float) -> float | None:
+    """Model FLOP utilisation of a median images/s against a peak; None where there is no figure."""
+    return None if images_per_s is None else images_per_s["median"] * flops_per_image / (peak_gflops * 1e9)
 
 
 def _compare(rows: list[dict], machine_peak: float, flops: dict[str, int]) -> None:
@@ -290,8 +322,10 @@ def _compare(rows: list[dict], machine_peak: float, flops: dict[str, int]) -> No
     single = {(r["backend"], r["batch_size"], r["label"].removesuffix(f", {r['replicas']} replicas")): r
               for r in rows if r["impl"] != "plain" and r["replicas"] == 1}
     for row in rows:
+        row["mfu_machine"] = _utilisation(_headline(row, "training"), flops["training"], machine_peak)
+        if not row["trains"]:
+            continue  # no training figure to compare
         headline = _headline(row, "training")["median"]
-        row["mfu_machine"] = headline * flops["training"] / (machine_peak * 1e9)
         base = plain.get((row["backend"], row["batch_size"]))
         if row["impl"] != "plain" and base is not None and row["replicas"] == 1:
             row["over_plain"] = headline / _headline(base, "training")["median"]
@@ -311,17 +345,21 @@ def _ratio(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["backend", "device", "math", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "MFU own", "MFU machine",
-               "vs plain", "scaling", "real/synth", "peak host", "peak device"]
+    headers = ["backend", "device", "math", "variant", "batch", "train img/s", "+-", "step s", "infer img/s", "infer MFU",
+               "MFU own", "MFU machine", "vs plain", "scaling", "real/synth", "peak host", "peak device"]
     body = []
     for r in rows:
-        train = _headline(r, "training")
-        step = r["train_step_s"].get("synthetic") or r["train_step_s"]["real"]
+        if r["trains"]:
+            train = _headline(r, "training")
+            step = r["train_step_s"].get("synthetic") or r["train_step_s"]["real"]
+            training = [f"{train['median']:.1f}", _spread(train), f"{step['median']:.3f}", f"{r['mfu']:.2f}",
+                        f"{r['mfu_machine']:.2f}" if "mfu_machine" in r else "", _ratio(r.get("over_plain")),
+                        _ratio(r.get("scaling")), _ratio(r.get("real_over_synthetic"))]
+        else:
+            training = [NOT_TRAINED] * 8
         body.append([
-            r["backend"], r["device"], r["math"], r["variant"], r["batch_size"], f"{train['median']:.1f}", _spread(train),
-            f"{step['median']:.3f}", f"{r['inference_images_per_s']['median']:.1f}", f"{r['mfu']:.2f}",
-            f"{r['mfu_machine']:.2f}" if "mfu_machine" in r else "",
-            _ratio(r.get("over_plain")), _ratio(r.get("scaling")), _ratio(r.get("real_over_synthetic")),
+            r["backend"], r["device"], r["math"], r["variant"], r["batch_size"], *training[:3],
+            f"{r['inference_images_per_s']['median']:.1f}", f"{r['inference_mfu']:.2f}", *training[3:],
             human_bytes(r["peak_host_bytes"]),
             human_bytes(r["peak_device_bytes"]) if r["peak_device_bytes"] is not None else "",
         ])
@@ -334,10 +372,11 @@ def machine_environment() -> dict:
 
 
 def _headline(row: dict, kind: str) -> dict:
-    """The statistics a row is judged by: training on synthetic data (real data without it), or inference."""
+    """The statistics a row is judged by: training on synthetic data (real data without it), or inference;
+    None for training where the backend does not train."""
     if kind == "inference":
         return row["inference_images_per_s"]
-    return row["train_images_per_s"].get("synthetic") or row["train_images_per_s"]["real"]
+    return row["train_images_per_s"].get("synthetic") or row["train_images_per_s"].get("real")
 
 
 def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Path, title: str) -> Path:
@@ -354,7 +393,9 @@ def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Pat
     width = 0.8 / len(labels)
     for axis, kind in zip(axes, ("training", "inference")):
         for i, label in enumerate(labels):
-            mine = [r for r in rows if r["label"] == label]
+            mine = [r for r in rows if r["label"] == label and _headline(r, kind) is not None]
+            if not mine:
+                continue  # an inference-only backend in the training panel
             stats = [_headline(r, kind) for r in mine]
             axis.bar([batches.index(r["batch_size"]) + (i - (len(labels) - 1) / 2) * width for r in mine],
                      [s["median"] for s in stats], width * 0.95, label=label, capsize=2,
@@ -366,11 +407,18 @@ def plot(rows: list[dict], flops: dict[str, int], machine_peak: float, path: Pat
         axis.axhline(limit, color="black", linestyle="--", linewidth=1)
         axis.annotate(f"measured matmul peak {machine_peak:.0f} GFLOP/s = {limit:.0f} img/s", (0.01, limit),
                       xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
+        untrained = sorted({r["backend"] for r in rows if _headline(r, kind) is None})
+        if untrained:  # say why a backend has no bar here
+            axis.text(0.5, 0.5, f"{', '.join(untrained)}: inference only", transform=axis.transAxes,
+                      ha="center", va="center", fontsize=9, color="grey")
         axis.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
-        top = max([limit] + [_headline(r, kind)["p75"] for r in rows])
+        top = max([limit] + [_headline(r, kind)["p75"] for r in rows if _headline(r, kind) is not None])
         axis.set(ylabel="images/s (median; bars: interquartile range)", title=kind, ylim=(0, top * 1.12))
         axis.grid(axis="y", alpha=0.3)
-    handles, names = axes[0].get_legend_handles_labels()
+    legend = {}  # every configuration once, from either panel (an inference-only one is in the second only)
+    for axis in axes:
+        legend.update((name, handle) for handle, name in zip(*axis.get_legend_handles_labels()) if name not in legend)
+    handles, names = list(legend.values()), list(legend)
     fig.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, 0.02), ncol=min(len(names), 4), fontsize=8)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
@@ -408,9 +456,10 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
         except BaseException:
             print(" failed", flush=True)
             raise
-        steps = result["train_s"].get("synthetic") or result["train_s"]["real"]
-        print(f" {config.global_batch / float(np.median(steps)):.1f} train img/s "
-              f"({time.perf_counter() - began:.0f} s)", flush=True)
+        steps = result["train_s"].get("synthetic") or result["train_s"].get("real")
+        rate = (f"{config.global_batch / float(np.median(steps)):.1f} train img/s" if steps else
+                f"{config.global_batch / float(np.median(result['eval_s'])):.1f} inference img/s")
+        print(f" {rate} ({time.perf_counter() - began:.0f} s)", flush=True)
         results.setdefault(config, []).append(result)
         return result
 
@@ -421,13 +470,15 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
                 resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in all_speed_ups()[backend]}
                 for config in configs(args, backend, batch, resolved):
                     run(config, repeat)
-                for replicas in (n for n in args.replicas if n > 1):
+                for replicas in (n for n in args.replicas if n > 1 and capabilities(backend).trains):
                     run(replace(default, replicas=replicas), repeat)
     return results
 
 
 def _bench(args) -> int:
     _check(args)
+    for note in inference_only_notes(args):
+        print(note, flush=True)
     data_dir = None
     if "real" in args.data:
         from .data import locate
@@ -498,6 +549,8 @@ def _bench(args) -> int:
           + f"; machine peak {machine_peak:.0f}")
     print(f"MFU = training FLOPs per image ({flops['training'] / 1e9:.2f} GFLOP = 6 x forward MACs) x train img/s "
           "/ measured matmul peak")
+    print(f"infer MFU = inference FLOPs per image ({flops['inference'] / 1e9:.2f} GFLOP = 2 x MACs) x infer img/s "
+          "/ the same framework's peak")
     print("  own: the same framework's peak, in the same process; machine: the best peak of the run; "
           "+-: half the interquartile range of per-step img/s")
     if any("scaling" in r for r in rows):

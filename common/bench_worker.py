@@ -7,7 +7,12 @@ pools and GPU memory, and a framework's first import sets thread pools for good.
 
 What is timed is the code users train with: ``backend.build``, ``backend.make_trainer`` and
 the Trainer's ``prepare`` / ``train_step`` / ``eval_step``, as ``common.train.fit`` calls
-them. Synchronisation: device work is asynchronous (CUDA streams; MXNet's engine, on CPU
+them. A backend that does not train (``CAPABILITIES.trains`` False: ONNX Runtime) gets an
+inference-only job: ``backend.build`` and ``backend.forward`` on the same synthetic batch,
+prepared in its layout by ``common.backend.prepared_reference`` (what every Trainer's
+``prepare`` returns), timed by the same code as the training rows' inference, and the matmul
+peak measured the same number of times in the same place, only with no training steps
+between; its result has no training figures (``train_s`` empty). Synchronisation: device work is asynchronous (CUDA streams; MXNet's engine, on CPU
 too). A Trainer step returns Python numbers (``loss.item()``, ``asscalar()``,
 ``float(tensor)``), but those wait only for the work they read: in MXNet the backward pass
 and the update are still queued when the loss is known, and a harness that stopped the
@@ -89,8 +94,25 @@ def load_plain(name: str):
     return module
 
 
+def time_inference(evaluate, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Seconds of the first inference call (session creation, tracing), then of each of ``steps``
+    calls after ``warmup`` more untimed ones; every timed call ends with the framework's own wait.
+    The one way every row's inference is timed."""
+    first = _timed(lambda: (evaluate(), sync()))
+    for _ in range(warmup):
+        evaluate()
+    sync()
+    return first, [_timed(lambda: (evaluate(), sync())) for _ in range(steps)]
+
+
+def synthetic_batch(batch: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The random uint8 Fashion-MNIST-sized images and labels every row is timed on (seed 0)."""
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8), rng.integers(0, num_classes, batch)
+
+
 def run(job: dict) -> dict:
-    from common.backend import choose_device, effective_math, load_backend
+    from common.backend import choose_device, effective_math, load_backend, prepared_reference
     from common.machine import cpu_model
     from common.spec import get_spec
 
@@ -112,6 +134,13 @@ def run(job: dict) -> dict:
         steppers = {"synthetic": lambda i: train_step(x, labels)}
         evaluate = lambda: eval_step(x, labels)  # noqa: E731
         options = {"precision": "fp32"}
+    elif not backend.CAPABILITIES.trains:  # inference only: the model on a prepared batch, no trainer
+        spec = get_spec("book").with_input(1, size)
+        model = backend.build(spec, seed=0, device=device)
+        x = prepared_reference(synthetic_batch(batch, spec.num_classes)[0], spec, backend.LAYOUT)
+        steppers = {}
+        evaluate = lambda: backend.forward(model, x)  # noqa: E731
+        options = {"precision": job["precision"]}
     else:
         spec = get_spec("book").with_input(1, size)
         replicas = {"replicas": job["replicas"]} if job.get("replicas", 1) > 1 else {}
@@ -120,9 +149,7 @@ def run(job: dict) -> dict:
         model = backend.build(spec, seed=0, device=device)
         trainer = backend.make_trainer(model, lr=0.01, precision=job["precision"], **job["options"], **replicas)
         options = dict(getattr(trainer, "options", {}))
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, (batch, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, spec.num_classes, batch)
+        images, labels = synthetic_batch(batch, spec.num_classes)
         x = trainer.prepare(images)
         steppers = {"synthetic": lambda i: trainer.train_step(x, labels, seed=i)}
         if "real" in modes:
@@ -133,12 +160,15 @@ def run(job: dict) -> dict:
     matmul_n = job["matmul_size"] or (8192 if device == "gpu" else 2048)
     products = backend.matmul_products(matmul_n, device, job["precision"])
     warm_rates = matmul_rates(products, matmul_n)
-    first_step_s = _timed(lambda: (next(iter(steppers.values()))(0), sync()))  # tracing, compiling
+    first_step_s = None  # an inference-only job has no training step
+    if steppers:
+        first_step_s = _timed(lambda: (next(iter(steppers.values()))(0), sync()))  # tracing, compiling
     for step in range(warmup):
         for stepper in steppers.values():
             stepper(1 + step)
     # The timed loop: before each step, one product per matmul op, so the peak the steps are
     # compared with is measured under the same background load (this machine may be shared).
+    # Without training steps (inference only) it measures the products alone, as many times.
     train_s: dict[str, list[float]] = {mode: [] for mode in steppers}
     rates: dict[str, list[float]] = {op: [] for op in products}
     sync()
@@ -147,17 +177,15 @@ def run(job: dict) -> dict:
             rates[op].append(2.0 * matmul_n ** 3 / _timed(product) / 1e9)
         for mode, stepper in steppers.items():  # alternating: background load hits every mode alike
             train_s[mode].append(_timed(lambda: (stepper(1 + warmup + step), sync())))
-    for _ in range(1 + warmup):
-        evaluate()
-    sync()
-    eval_s = [_timed(lambda: (evaluate(), sync())) for _ in range(steps)]
+    first_inference_s, eval_s = time_inference(evaluate, sync, warmup, steps)
 
     return {
         "backend": name, "impl": job["impl"], "device": device, "batch_size": batch, "input_size": size,
         "replicas": job.get("replicas", 1),
         "device_name": backend.gpu_status().detail if device == "gpu" else cpu_model(),
         "math": effective_math(job["math"], device),
-        "options": options, "first_step_s": first_step_s, "train_s": train_s, "eval_s": eval_s,
+        "options": options, "first_step_s": first_step_s,
+        "first_inference_s": first_inference_s, "train_s": train_s, "eval_s": eval_s,
         "matmul": {"n": matmul_n, "gflops": rates, "warmup_gflops": warm_rates},
         "load_average": [load_before, os.getloadavg()[0]],
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # KiB on Linux

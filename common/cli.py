@@ -130,6 +130,16 @@ def _fit_kwargs(args, backend: str | None) -> dict:
                 replicas=getattr(args, "replicas", 1))
 
 
+def _checked_weights(path: Path, spec):
+    """Canonical weights from ``path``, every name, shape and dtype checked against ``spec`` and every
+    value finite, before any framework is imported: a bad file is one line naming it and its problems."""
+    from .weights import check_finite, load_weights_file
+
+    weights = load_weights_file(path, spec)
+    check_finite(weights, source=str(path))
+    return weights
+
+
 def _stopped_status(history) -> int:
     """0, or 128 + the number of the signal that stopped the run (130 Ctrl-C, 143 SIGTERM), as a shell reports it."""
     return 128 + int(signal.Signals[history.stopped]) if history.stopped else 0
@@ -239,7 +249,6 @@ def _launch_replicas(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import FashionMNIST
     from .train import evaluate
-    from .weights import check_finite, load_weights_file
 
     if args.images is not None:
         return _evaluate_image_folder(args)
@@ -249,8 +258,7 @@ def cmd_evaluate(args) -> int:
         raise ValueError(f"the {args.backend} backend evaluates folders of images only (--images DIR): the "
                          "Fashion-MNIST test set goes through a trainer's input pipeline, which it does not have")
     spec = _training_spec(args)
-    weights = load_weights_file(args.weights, spec)  # names, shapes, dtypes: before the data is read
-    check_finite(weights, source=str(args.weights))
+    weights = _checked_weights(args.weights, spec)  # before the data is read
     backend = load_backend(args.backend)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     model = backend.build(spec, weights=weights, device=args.device)
@@ -375,10 +383,11 @@ def cmd_export(args) -> int:
     from .io import check_writable, remove_stale_temporaries
 
     spec = spec_from(args)
+    weights = _checked_weights(args.weights, spec)  # before the framework's import and any file
     check_writable(args.out)
     remove_stale_temporaries(args.out)  # what a killed export left behind (a SavedModel is ~100 MB)
     backend = load_backend(args.backend)
-    model = backend.build(spec, weights=args.weights, device="cpu")  # the weights are checked before any file
+    model = backend.build(spec, weights=weights, device="cpu")
     paths = backend.export_artifacts(model, args.out)
     layout = backend.LAYOUT
     dims = ", ".join(shapes.to_layout(("batch", *(str(d) for d in spec.input_shape)), layout))

@@ -5,7 +5,10 @@ results, native checkpoints of each framework) goes through :func:`atomic_path`:
 written to a temporary file in the same folder, flushed and fsync'ed, renamed over the
 final name, and the folder is fsync'ed so the rename itself survives a power cut. A reader,
 or a later run after a crash, ``kill -9`` or a full disk, sees the old file or the new one,
-never a half-written one.
+never a half-written one. A writer of several files that belong together (an export's graph
+and its weights) uses :func:`atomic_paths`: all are written under temporary names first and
+renamed only when every one is complete, so the set appears whole or not at all; a single
+file (:func:`atomic_path`) or folder (:func:`atomic_folder`) is the same mechanism with one.
 
 Temporary files are named ``.tmp-<pid>-<token>-<final name>``: the final name comes last, so
 writers that insist on a suffix (Keras wants ``.weights.h5``, matplotlib reads the format
@@ -54,26 +57,40 @@ def fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
     """Yield a temporary path to write ``path``'s content to, by any means (``np.savez``,
     ``torch.save``, ``model.save_weights``, ``fig.savefig`` ...). When the block ends normally
     the temporary file is fsync'ed and renamed over ``path`` and the folder fsync'ed; on any
-    exception, KeyboardInterrupt included, it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
-    try:
+    exception, KeyboardInterrupt included, it is removed and ``path`` is left as it was.
+    :func:`atomic_paths` with one file."""
+    return _single(_atomic([(Path(path), "file")]))
+
+
+def atomic_folder(path: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+    """:func:`atomic_path` for a writer that makes a whole folder (a TensorFlow SavedModel): yield
+    a temporary path beside ``path`` (not yet created; the writer creates it). When the block
+    ends normally every file in it is fsync'ed and the folder renamed to ``path``; on any
+    exception it is removed and ``path`` is left as it was. A folder cannot be renamed over a
+    non-empty one, so an existing ``path`` is first moved aside under a temporary name and
+    deleted after: a reader sees the old folder, for an instant none, or the new one, never a
+    partial one. :func:`atomic_paths` with one folder."""
+    return _single(_atomic([(Path(path), "folder")]))
+
+
+def atomic_paths(*paths: str | os.PathLike) -> contextlib.AbstractContextManager[list[Path]]:
+    """Several files or folders written as one set (an export's graph and its weights): yield one
+    temporary path beside each target, for the writers to create (a file or a folder). Only when
+    the block ends normally and every temporary exists are they fsync'ed and renamed to their
+    targets; on any exception every temporary is removed and no target is touched. If a rename
+    fails midway, the targets already renamed are put back as they were (an earlier version of
+    a file is kept as a hard link until all are in), so the set appears together or not at all."""
+    return _atomic([(Path(path), None) for path in paths])
+
+
+@contextlib.contextmanager
+def _single(manager) -> Iterator[Path]:
+    with manager as (tmp,):
         yield tmp
-        if not tmp.is_file():
-            raise OSError(f"{path}: the writer produced no file")
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_folder(path.parent)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -93,39 +110,72 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+_PRODUCED = {"file": (Path.is_file, "no file"), "folder": (Path.is_dir, "no folder"), None: (Path.exists, "nothing")}
+
+
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """:func:`atomic_path` for a writer that makes a whole folder (a TensorFlow SavedModel): yield
-    a temporary path beside ``path`` (not yet created; the writer creates it). When the block
-    ends normally every file in it is fsync'ed and the folder renamed to ``path``; on any
-    exception it is removed and ``path`` is left as it was. A folder cannot be renamed over a
-    non-empty one, so an existing ``path`` is first moved aside under a temporary name and
-    deleted after: a reader sees the old folder, for an instant none, or the new one, never a
-    partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
+def _atomic(targets: list[tuple[Path, str | None]]) -> Iterator[list[Path]]:
+    """The one mechanism behind every writer here: ``targets`` are (path, "file" | "folder" | None:
+    either); yields their temporaries, and renames them all, or none, when the block succeeds."""
+    for path, _ in targets:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    temporaries = [temporary_name(path) for path, _ in targets]
     try:
-        yield tmp
-        if not tmp.is_dir():
-            raise OSError(f"{path}: the writer produced no folder")
-        _fsync_tree(tmp)
-        old = None
-        if path.exists() or path.is_symlink():
-            old = temporary_name(path)
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:  # put the previous version back
-                os.replace(old, path)
-            raise
+        yield temporaries
+        for (path, kind), tmp in zip(targets, temporaries):
+            produced, missing = _PRODUCED[kind]
+            if not produced(tmp):
+                raise OSError(f"{path}: the writer produced {missing}")
+        for tmp in temporaries:
+            _fsync_tree(tmp) if tmp.is_dir() else _fsync_file(tmp)
+        _rename_all(list(zip(temporaries, (path for path, _ in targets))))
     except BaseException:
-        _remove(tmp)
+        for tmp in temporaries:
+            _remove(tmp)
         raise
-    fsync_folder(path.parent)
-    if old is not None:
-        _remove(old)
+    for folder in dict.fromkeys(path.parent for path, _ in targets):
+        fsync_folder(folder)
+
+
+def _set_aside(target: Path, tmp: Path, rollback: bool) -> Path | None:
+    """Keep ``target``'s current version under a temporary name while ``tmp`` takes its place, so it
+    can be put back; None where there is none or nothing to put back. A file over a file is
+    replaced in one rename (readers never miss it), its old version kept as a hard link (moved
+    aside where the file system has none); a folder cannot be renamed over, so it is moved aside."""
+    if not (target.exists() or target.is_symlink()):
+        return None
+    folders = (target.is_dir() and not target.is_symlink()) or tmp.is_dir()
+    if not folders and not rollback:
+        return None
+    backup = temporary_name(target)
+    if not folders:
+        with contextlib.suppress(OSError):
+            os.link(target, backup, follow_symlinks=False)
+            return backup
+    os.replace(target, backup)
+    return backup
+
+
+def _rename_all(pairs: list[tuple[Path, Path]]) -> None:
+    """Rename each (temporary, target); if one fails, every target is put back as it was."""
+    done: list[tuple[Path, Path | None, bool]] = []  # (target, its old version, new one in place)
+    try:
+        for tmp, target in pairs:
+            done.append((target, _set_aside(target, tmp, rollback=len(pairs) > 1), False))
+            os.replace(tmp, target)
+            done[-1] = (*done[-1][:2], True)
+    except BaseException:
+        for target, backup, placed in reversed(done):
+            with contextlib.suppress(OSError):
+                if placed:
+                    _remove(target)
+                if backup is not None:
+                    os.replace(backup, target)
+                    _remove(backup)  # a hard link renamed over its own file stays (POSIX rename)
+        raise
+    for _, backup, _ in done:
+        if backup is not None:
+            _remove(backup)
 
 
 @contextlib.contextmanager
@@ -192,6 +242,6 @@ def check_writable(folder: str | os.PathLike, *, what: str = "output folder") ->
 
 
 __all__ = [
-    "TEMP_PREFIX", "atomic_file", "atomic_folder", "atomic_path", "check_writable", "fsync_folder", "remove_stale_temporaries",
+    "TEMP_PREFIX", "atomic_file", "atomic_folder", "atomic_path", "atomic_paths", "check_writable", "fsync_folder", "remove_stale_temporaries",
     "temporary_name", "write_bytes_atomic", "write_text_atomic",
 ]

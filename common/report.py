@@ -4,13 +4,17 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 
+NOT_APPLICABLE = "-"  # a cell for a figure that does not exist for its row: a numeric column stays numeric
+
+
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, footer: Sequence[object] | None = None) -> str:
     """Columns sized to their widest cell; numbers right-aligned, text left-aligned."""
     body = [[_cell(v) for v in row] for row in rows]
     foot = [_cell(v) for v in footer] if footer is not None else None
     every = [list(headers)] + body + ([foot] if foot else [])
     widths = [max(len(r[i]) for r in every) for i in range(len(headers))]
-    numeric = [all(_is_number(r[i]) for r in body if r[i]) and bool(body) for i in range(len(headers))]
+    numeric = [all(_is_number(r[i]) for r in body if r[i] not in ("", NOT_APPLICABLE)) and bool(body)
+               for i in range(len(headers))]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)).rstrip()

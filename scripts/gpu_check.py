@@ -480,12 +480,13 @@ def bench_rows(payload: dict) -> list[dict]:
     """The figures of each bench row that the summary reports."""
     rows = []
     for r in payload["results"]:
-        train = r["train_images_per_s"]
+        train = r["train_images_per_s"]  # empty for a backend that runs inference only
+        headline = train.get("synthetic") or train.get("real")
         env = r.get("environment", {})
         rows.append({
             "batch_size": r["batch_size"], "variant": r["variant"], "device": r["device"],
             "device_name": env.get("gpu") or payload["environment"].get("cpu"),
-            "train_images_per_s": (train.get("synthetic") or train["real"])["median"],
+            "train_images_per_s": headline["median"] if headline else None,
             "train_images_per_s_real": train["real"]["median"] if "real" in train else None,
             "real_over_synthetic": r.get("real_over_synthetic"),
             "inference_images_per_s": r["inference_images_per_s"]["median"],

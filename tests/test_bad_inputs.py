@@ -255,6 +255,30 @@ def test_bad_weights_are_refused_by_evaluate_before_the_data_is_read(builder, ex
             keep=[tmp_path, good_weights])
 
 
+def _export_flags(extra):
+    """evaluate's --input-size S as export's --input 1,S,S."""
+    return [f"1,{a},{a}" if prev == "--input-size" else "--input" if a == "--input-size" else a
+            for prev, a in zip([None, *extra], extra)]
+
+
+@pytest.mark.parametrize("builder, extra, names", [c[1:] for c in WEIGHTS], ids=[c[0] for c in WEIGHTS])
+def test_bad_weights_are_refused_by_export_before_any_file(builder, extra, names, good_weights, tmp_path, capsys):
+    """The same checker as evaluate's, before the framework is imported or the output folder made."""
+    path = builder(tmp_path, good_weights)
+    names = [name.replace("{tmp}", str(tmp_path)) for name in names]
+    refused(capsys, ["export", "--backend", "pt", "--input", "1,65,65", "--weights", path, "--out", tmp_path / "out",
+                     *_export_flags(extra)], 2, *names, keep=[tmp_path, good_weights])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend", ["pt", "tf", "mx", "onnx"])
+def test_weights_for_another_input_are_one_line_from_every_export(backend, good_weights, tmp_path, capsys):
+    refused(capsys, ["export", "--backend", backend, "--weights", good_weights, "--out", tmp_path / "out"], 2,
+            f"alexnet export: error: {good_weights} do not fit spec 'book' with input 1x224x224 (1 problem(s)): "
+            "fc6.weight: shape (4096, 256), expected (4096, 6400)", keep=[tmp_path, good_weights])
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _copy_run(finished_run, tmp_path) -> Path:
     run = tmp_path / "run"

@@ -1,7 +1,8 @@
 """`alexnet bench` end to end on a tiny configuration: it runs and its output is well formed.
 
 No timed assertions: how fast the backends are is judged by running the benchmark
-(docs/benchmarks.md), not here. The tiny configuration (1x67x67, batch 2, 2 steps, small
+(docs/benchmarks.md), not here. The tiny run includes the inference-only backend (onnx): its
+row has inference figures and "-" for training. The tiny configuration (1x67x67, batch 2, 2 steps, small
 matmul) keeps this file to well under a minute on 2 CPU cores.
 """
 import json
@@ -13,13 +14,13 @@ import pytest
 
 from common import ROOT
 from common.backend import all_speed_ups
-from common.bench import Config, configs, summarise, table, worker_environment
+from common.bench import Config, _compare, configs, plot, summarise, table, worker_environment
 from common.bench_worker import THREAD_COUNT_VARIABLES
 from common.machine import cpu_flags, cpu_model, usable_cpus
 from common.cli import build_parser
 from common.spec import book_alexnet
 from common import shapes
-from tests.conftest import REAL_DATA
+from tests.conftest import REAL_DATA, get_backend
 
 TINY = ["--batch-sizes", "2", "--input-size", "67", "--steps", "2", "--warmup", "1", "--matmul-size", "128"]
 HAS_REAL_DATA = (REAL_DATA / "train-images-idx3-ubyte.gz").is_file() or (REAL_DATA / "train-images-idx3-ubyte").is_file()
@@ -45,20 +46,30 @@ def table_rows(stdout):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    get_backend("onnx")
     out = tmp_path_factory.mktemp("bench") / "run"
-    result = bench("--backends", "pt,tf,mx", "--baseline", *TINY, *DATA, "--out", str(out))
+    result = bench("--backends", "pt,tf,mx,onnx", "--baseline", *TINY, *DATA, "--out", str(out))
     return result, out
+
+
+INFERENCE_ONLY_NOTE = "bench: onnx (ONNX Runtime) runs inference only: its row has inference figures and - for training"
+# The table's columns, as a row splits on whitespace: the training ones, and the inference ones.
+TRAINING_CELLS, INFERENCE_CELLS = [5, 6, 7, 10, 11, 12, 13, 14], [8, 9]
 
 
 def test_tiny_run_prints_the_table(all_backends, tiny_run):
     result, _ = tiny_run
     assert result.returncode == 0, result.stderr
     header, rows = table_rows(result.stdout)
-    for column in ("train img/s", "infer img/s", "MFU", "vs plain", "real/synth", "peak host"):
+    for column in ("train img/s", "infer img/s", "infer MFU", "MFU", "vs plain", "real/synth", "peak host"):
         assert column in header
     assert [(r[0], r[3]) for r in rows] == [("pt", "default"), ("pt", "plain"), ("tf", "default"),
-                                            ("tf", "plain"), ("mx", "default"), ("mx", "plain")]
+                                            ("tf", "plain"), ("mx", "default"), ("mx", "plain"), ("onnx", "default")]
     assert all(r[1:3] == ["cpu", "fp32"] for r in rows)  # every row says which device ran it, in which math
+    onnx = rows[-1]  # inference only: "-" in every training column, figures in the inference ones
+    assert [onnx[i] for i in TRAINING_CELLS] == ["-"] * 8 and all(float(onnx[i]) > 0 for i in INFERENCE_CELLS)
+    assert all(float(r[5]) > 0 for r in rows[:-1])
+    assert f"{INFERENCE_ONLY_NOTE}; --baseline skipped for it" in result.stdout.splitlines()
     assert "measured matmul peak" in result.stdout and "bench.json" in result.stdout
     assert "Traceback" not in result.stderr
 
@@ -72,13 +83,24 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
     assert payload["settings"]["batch_sizes"] == [2] and payload["settings"]["steps"] == 2
     env = payload["environment"]
     assert env["cpu"] and env["usable_cpus"] >= 1 and len(env["load_average_before"]) == 3
-    assert set(env["frameworks"]) == {"pt", "tf", "mx"}
+    assert set(env["frameworks"]) == {"pt", "tf", "mx", "onnx"}
     assert env["frameworks"]["pt"]["framework"].startswith("PyTorch ")
     assert env["frameworks"]["tf"]["framework"].startswith("TensorFlow ")
     assert env["frameworks"]["mx"]["framework"].startswith("MXNet ")
+    assert env["frameworks"]["onnx"]["framework"].startswith("ONNX Runtime ")
     results = payload["results"]
-    assert len(results) == 6
+    assert len(results) == 7
+    onnx = results.pop()
+    assert onnx["backend"] == "onnx" and onnx["trains"] is False and onnx["device_name"] == cpu_model()
+    assert onnx["train_images_per_s"] == onnx["train_step_s"] == {} and onnx["mfu"] is onnx["mfu_machine"] is None
+    assert "over_plain" not in onnx and onnx["first_step_s"] == [None]
+    inference = onnx["inference_images_per_s"]
+    assert inference["n"] == 2 and 0 < inference["min"] <= inference["median"] and onnx["math"] == "fp32"
+    assert list(onnx["matmul_gflops"]) == ["onnxruntime MatMul"] and onnx["matmul_gflops"]["onnxruntime MatMul"]["n"] == 2
+    assert onnx["inference_mfu"] == pytest.approx(inference["median"] * payload["flops_per_image"]["inference"]
+                                                  / (onnx["peak_gflops"] * 1e9))
     for row in results:
+        assert row["trains"] is True and row["inference_mfu"] > 0
         assert row["device"] == "cpu" and row["device_name"] == cpu_model() and row["math"] == "fp32"
         train = row["train_images_per_s"]["synthetic"]
         assert train["n"] == 2 and 0 < train["min"] <= train["median"] <= train["max"]
@@ -99,7 +121,7 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
     assert defaults["pt"] == {"channels_last": avx512, "compile": False, "precision": "fp32"}
     assert defaults["tf"] == {"xla": False, "precision": "fp32"}
     assert defaults["mx"] == {"hybridize": True, "precision": "fp32"}
-    assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 6
+    assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 7
 
 
 def test_tiny_run_draws_the_chart(all_backends, tiny_run):
@@ -168,6 +190,9 @@ def test_a_wrong_flag_value_is_a_one_line_error(args, message):
     (["--backends", "pt,mx", "--precision", "bf16"], "the MXNet backend (mx) trains in precision fp32, not 'bf16'"),
     (["--backends", "tf", "--on", "compile"], "speed-up compile belongs to backend pt"),
     (["--on", "compile", "--off", "compile"], "--on and --off both name compile"),
+    (["--backends", "pt,onnx", "--precision", "bf16"],
+     "--precision bf16: the ONNX Runtime backend (onnx) runs in precision fp32, not 'bf16'"),
+    (["--backends", "onnx", "--math", "tf32"], "--math tf32: the ONNX Runtime backend (onnx) has math mode fp32, not 'tf32'"),
 ])
 def test_impossible_requests_are_one_line_errors_before_any_work(args, message, tmp_path):
     result = bench(*args, "--out", str(tmp_path / "out"))
@@ -230,3 +255,53 @@ def test_two_pytorch_replicas_are_timed_with_their_scaling(tmp_path):
     payload = json.loads((tmp_path / "o" / "bench.json").read_text())
     second = payload["results"][1]
     assert second["replicas"] == 2 and second["global_batch"] == 4 and 0 < second["scaling"]
+
+
+def test_an_inference_only_backend_alone_gets_its_row_and_one_line_on_what_is_skipped(tmp_path):
+    """--backends onnx: the training comparisons asked for are skipped for it, said in one line."""
+    get_backend("onnx")
+    result = bench("--backends", "onnx", "--baseline", "--ablate", "--replicas", "1,2", *TINY, "--data", "synthetic",
+                   "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"{INFERENCE_ONLY_NOTE}; --baseline, --ablate, --replicas 2 skipped for it"
+    assert "inference img/s" in lines[1] and "Traceback" not in result.stderr
+    _, rows = table_rows(result.stdout)
+    assert [(r[0], r[3]) for r in rows] == [("onnx", "default")]
+    assert [rows[0][i] for i in TRAINING_CELLS] == ["-"] * 8
+    (row,) = json.loads((tmp_path / "o" / "bench.json").read_text())["results"]
+    assert row["trains"] is False and row["inference_images_per_s"]["median"] > 0 and row["inference_mfu"] > 0
+    assert (tmp_path / "o" / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_inference_only_row_has_no_training_figures_in_summary_table_and_chart(tmp_path):
+    """Made-up worker results of a training backend and of onnx (no framework needed)."""
+    flops = {"training": 6_000_000_000, "inference": 2_000_000_000}
+
+    def result(train_s):
+        return {"train_s": train_s, "eval_s": [0.5] * 3, "matmul": {"n": 64, "gflops": {"a": [100.0] * 3}},
+                "options": {"precision": "fp32"}, "device": "cpu", "device_name": "Some CPU", "math": "fp32",
+                "first_step_s": 1.0 if train_s else None, "first_inference_s": 0.7, "peak_host_bytes": 1,
+                "peak_device_bytes": None, "environment": {}}
+
+    pt = summarise(Config("pt", "alexnet", 4), [result({"synthetic": [1.0] * 3})], flops)
+    onnx = summarise(Config("onnx", "alexnet", 4), [result({})], flops)
+    _compare([pt, onnx], 100.0, flops)
+    assert pt["trains"] and pt["mfu"] == pytest.approx(4.0 * 6e9 / 100e9)
+    assert not onnx["trains"] and onnx["train_images_per_s"] == {} and onnx["mfu"] is onnx["mfu_machine"] is None
+    assert onnx["inference_images_per_s"]["median"] == 8.0 and onnx["inference_mfu"] == pytest.approx(8.0 * 2e9 / 100e9)
+    assert json.loads(json.dumps(onnx)) == onnx  # bench.json holds it as it is
+    header, *_, pt_line, onnx_line = table([pt, onnx]).splitlines()
+    assert onnx_line.split()[:5] == ["onnx", "cpu", "fp32", "default", "4"]
+    assert [onnx_line.split()[i] for i in TRAINING_CELLS] == ["-"] * 8
+    assert [onnx_line.split()[i] for i in INFERENCE_CELLS] == ["8.0", "0.16"]
+    assert [pt_line.split()[i] for i in INFERENCE_CELLS] == ["8.0", "0.16"] and pt_line.split()[5] == "4.0"
+    png = plot([pt, onnx], flops, 100.0, tmp_path / "bench.png", "tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_takes_an_inference_only_backend_where_named_and_defaults_to_the_training_ones():
+    from common.backend import training_backends
+
+    assert build_parser().parse_args(["bench"]).backends == training_backends() == ["pt", "tf", "mx"]
+    assert build_parser().parse_args(["bench", "--backends", "pt,onnx"]).backends == ["pt", "onnx"]

@@ -177,7 +177,7 @@ def test_export_with_wrong_weights_is_one_line_and_writes_nothing(name, tmp_path
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("alexnet export: error: ") and "fc6.weight: shape (4096, 256)" in err
-    assert list((tmp_path / "out").iterdir()) == []
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_export_to_an_unwritable_folder_is_one_line(tmp_path, capsys):
@@ -237,3 +237,22 @@ def test_pt_export_without_onnxscript_names_the_extra_and_writes_nothing(tmp_pat
     with pytest.raises(ImportError, match=r"needs onnxscript .*alexnet-three\[onnx\]"):
         backend.export_artifacts(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_pt_export_whose_onnx_file_fails_leaves_neither_file(tmp_path, monkeypatch, capsys):
+    """The pair is written whole or not at all: the .pt2 is complete when the ONNX export fails
+    (a full disk), and neither file, nor a temporary, is left; the command says so in one line."""
+    get_backend("pt")
+    needs("onnxscript")
+    import torch
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx, "export", full_disk)
+    save_weights(tmp_path / "w.npz", init_weights(SPEC, 0))
+    code = main(["export", "--backend", "pt", "--weights", str(tmp_path / "w.npz"), "--input", "1,65,65",
+                 "--out", str(tmp_path / "out")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines == ["alexnet export: error: [Errno 28] No space left on device"]
+    assert list((tmp_path / "out").iterdir()) == []

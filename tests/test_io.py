@@ -84,6 +84,51 @@ def test_atomic_folder_failure_keeps_the_old_folder_and_removes_the_partial_one(
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
+def test_atomic_paths_renames_a_set_only_when_every_member_is_complete(tmp_path):
+    graph, weights, folder = tmp_path / "alexnet-symbol.json", tmp_path / "alexnet-0000.params", tmp_path / "saved"
+    with io.atomic_paths(graph, weights, folder) as (graph_tmp, weights_tmp, folder_tmp):
+        assert {graph_tmp.parent, weights_tmp.parent, folder_tmp.parent} == {tmp_path}
+        graph_tmp.write_text("one")
+        weights_tmp.write_text("one")
+        _write_folder(folder_tmp, "one")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(io.TEMP_PREFIX)) == []
+    assert graph.read_text() == weights.read_text() == "one" and _folder_content(folder)["saved_model.pb"] == "one"
+    with pytest.raises(OSError, match="No space left"):  # the second writer fails: the first's file never appears
+        with io.atomic_paths(graph, weights, folder) as (graph_tmp, weights_tmp, folder_tmp):
+            graph_tmp.write_text("two")
+            raise OSError(28, "No space left on device")
+    with pytest.raises(OSError, match="produced nothing"):  # a writer that wrote nothing
+        with io.atomic_paths(graph, weights) as (graph_tmp, _):
+            graph_tmp.write_text("two")
+    assert graph.read_text() == weights.read_text() == "one" and _folder_content(folder)["saved_model.pb"] == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([graph.name, weights.name, folder.name])
+    assert io.remove_stale_temporaries(tmp_path) == []
+
+
+def test_atomic_paths_puts_every_target_back_when_a_rename_fails(tmp_path, monkeypatch):
+    """Every member complete, then the last rename fails (a full folder, a vanished disk): the
+    ones already renamed are put back, old versions and all, and nothing else is left."""
+    first, second, folder = tmp_path / "a.pt2", tmp_path / "a.onnx", tmp_path / "saved"
+    with io.atomic_paths(first, folder) as (first_tmp, folder_tmp):  # second is new: no old version
+        first_tmp.write_text("old")
+        _write_folder(folder_tmp, "old")
+    replace = os.replace
+
+    def fail_on_the_last(src, dst):
+        if os.path.basename(src).startswith(io.TEMP_PREFIX) and os.path.basename(dst) == second.name:
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fail_on_the_last)
+    with pytest.raises(OSError, match="No space left"):
+        with io.atomic_paths(first, folder, second) as temporaries:
+            temporaries[0].write_text("new")
+            _write_folder(temporaries[1], "new")
+            temporaries[2].write_text("new")
+    assert first.read_text() == "old" and _folder_content(folder)["saved_model.pb"] == "old" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, folder.name])
+
+
 def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
