@@ -61,6 +61,14 @@ class TorchvisionAlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+def _mxnet():
+    """MXNet itself, for the oracle: imported after its backend (the numpy shim MXNet 1.9 needs)."""
+    get_backend("mx")
+    import mxnet
+
+    return mxnet
+
+
 def _torch_logits(model, x):
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
@@ -73,7 +81,7 @@ def _gluon_logits(mx, net, x):
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     """Both peers with one set of random weights, their outputs, and their own files."""
-    mx = zoo._mxnet()
+    mx = _mxnet()
     vision = mx.gluon.model_zoo.vision
     seed = int(os.environ.get("ALEXNET_TEST_SEED", np.random.default_rng().integers(0, 2**31 - 1)))
     print(f"\nmodel-zoo oracle seed {seed} (replay with ALEXNET_TEST_SEED={seed})")
@@ -264,7 +272,7 @@ def test_pickled_code_in_a_pth_is_refused_not_run(tmp_path):
 
 
 def test_containers_are_told_apart_by_their_first_bytes(tmp_path):
-    mx = zoo._mxnet()
+    mx = _mxnet()
     torch.save({"a": torch.zeros(1)}, tmp_path / "zip.bin")
     torch.save({"a": torch.zeros(1)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
     mx.nd.save(str(tmp_path / "mx.bin"), {"a": mx.nd.zeros(1)})
@@ -342,3 +350,22 @@ def test_predict_gives_the_same_top5_in_every_backend_and_the_peers(peers, conve
         assert max(abs(p - q) for (_, p), (_, q) in zip(got, want)) < 1e-4  # printed to 4 decimals of a percent
         names = images.imagenet_class_names()
         assert all(f"  {names[i]} ({i})" in line for (i, _), line in zip(want, lines[2:7]))
+
+
+def test_one_mxnet_reader_serves_the_zoo_and_load_native_with_their_messages(tmp_path):
+    """common.zoo and alexnet_mx.load_native read .params files through alexnet_mx.read_params."""
+    mx = _mxnet()
+    backend = get_backend("mx")
+    model = backend.build(get_spec("book").with_input(1, 65, 65), device="cpu")
+    unnamed = tmp_path / "unnamed.params"
+    mx.nd.save(str(unnamed), [mx.nd.zeros((1,))])
+    with pytest.raises(WeightsError, match="unnamed.params: holds unnamed arrays, not named parameters$"):
+        zoo.read_arrays(unnamed)
+    with pytest.raises(WeightsError, match="unnamed.params: holds unnamed arrays, not a Gluon .params file from "
+                                           "save_parameters$"):
+        backend.load_native(model, unnamed)
+    garbage = tmp_path / "garbage.params"
+    garbage.write_bytes((0x112).to_bytes(8, "little") + b"not an array list")  # mx.nd.save's header, then junk
+    for read in (zoo.read_arrays, lambda path: backend.load_native(model, path)):
+        with pytest.raises(WeightsError, match=r"garbage.params: not a readable MXNet .params file \("):
+            read(garbage)
