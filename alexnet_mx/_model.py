@@ -267,6 +267,10 @@ def save_native(model, path) -> Path:
     return path
 
 
+# HybridBlock.export's .params keys (export_artifacts writes them too): "arg:" or "aux:" + a parameter's name
+EXPORT_ARG, EXPORT_AUX = "arg:", "aux:"
+
+
 def read_params(path, *, named: str = "named parameters") -> dict[str, "mx.nd.NDArray"]:
     """Every array of an MXNet ``.params`` file (``mx.nd.save``'s format: ``save_parameters``,
     ``HybridBlock.export``, the Gluon model zoo) by name, as NDArrays. A file MXNet cannot
@@ -291,14 +295,19 @@ def write_params(path, arrays) -> Path:
 
 
 def load_native(model, path) -> None:
-    """Read a ``.params`` file from ``save_native``; every name and shape is checked before any is set."""
+    """Read a ``.params`` file from ``save_native`` (``save_parameters``' names, ``conv1.weight``) or
+    from ``export_artifacts`` / ``HybridBlock.export`` (``arg:`` + each parameter's name,
+    ``arg:conv1_weight``); every name and shape is checked before any is set."""
     model = _check_model(model)
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such Gluon .params file")
     loaded = read_params(path, named="a Gluon .params file from save_parameters")
-    expected = model._collect_params_with_prefix()
-    check_arrays(model.spec, {name: tuple(p.shape) for name, p in expected.items()}, loaded, source=str(path))
+    expected, source = model._collect_params_with_prefix(), str(path)
+    if any(key.startswith((EXPORT_ARG, EXPORT_AUX)) for key in loaded):  # an export's: the graph's arguments
+        expected = {f"{EXPORT_ARG}{param.name}": param for param in expected.values()}
+        source = f"{path} (the parameters of an MXNet export)"
+    check_arrays(model.spec, {name: tuple(p.shape) for name, p in expected.items()}, loaded, source=source)
     ctx = model.ctx
     for name, param in expected.items():
         param.set_data(loaded[name].as_in_context(ctx))

@@ -369,3 +369,37 @@ def test_one_mxnet_reader_serves_the_zoo_and_load_native_with_their_messages(tmp
     for read in (zoo.read_arrays, lambda path: backend.load_native(model, path)):
         with pytest.raises(WeightsError, match=r"garbage.params: not a readable MXNet .params file \("):
             read(garbage)
+
+
+# ---------------------------------------------------------------------- MXNet's export: no zoo file
+def test_the_params_of_an_mxnet_export_convert_to_canonical_weights(tmp_path, capsys):
+    """`alexnet export --backend mx` writes alexnet-0000.params with HybridBlock.export's keys (``arg:`` +
+    the Gluon parameter's name): neither a zoo's nor save_parameters'. convert maps them back, bit for bit."""
+    from common.weights import init_weights, save_weights
+
+    mx = _mxnet()
+    spec = get_spec("book").with_input(1, 65, 65)
+    weights = init_weights(spec, 3)
+    save_weights(tmp_path / "w.npz", weights)
+    assert main(["export", "--backend", "mx", "--weights", str(tmp_path / "w.npz"), "--out", str(tmp_path / "out"),
+                 "--input", "1,65,65"]) == 0
+    exported = tmp_path / "out" / "alexnet-0000.params"
+    assert sorted(mx.nd.load(str(exported))) == sorted(f"arg:{name.replace('.', '_')}" for name in weights)
+    capsys.readouterr()
+    assert main(["convert", str(exported), str(tmp_path / "back.npz"), "--input", "1,65,65"]) == 0
+    assert f"from {exported} (mx)" in capsys.readouterr().out
+    back = read_npz(tmp_path / "back.npz")
+    assert list(back) == list(weights) and all(np.array_equal(back[k], weights[k]) for k in weights)
+
+
+def test_the_export_of_another_network_is_one_line_naming_the_file(tmp_path, capsys):
+    mx = _mxnet()
+    other = tmp_path / "other-0000.params"  # e.g. Gluon's own zoo AlexNet through HybridBlock.export
+    mx.nd.save(str(other), {"arg:alexnet0_conv0_weight": mx.nd.zeros((64, 3, 11, 11)),
+                            "arg:alexnet0_conv0_bias": mx.nd.zeros((64,))})
+    assert main(["convert", str(other), str(tmp_path / "out.npz"), "--input", "1,65,65"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{other} (the parameters of an MXNet export) do not fit spec 'book'" in err
+    assert "missing arg:conv1_weight (96, 1, 11, 11)" in err and "unexpected arg:alexnet0_conv0_weight" in err
+    assert not (tmp_path / "out.npz").exists()
