@@ -40,11 +40,12 @@ from ._framework import (  # noqa: E402  (the numpy shim, then MXNet: an ImportE
 )
 from ._model import (  # noqa: E402
     AlexNet, build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
-    param_counts, parameter_devices, save_native,
+    param_counts, parameter_devices, read_params, save_native, write_params,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "export_artifacts", "replica_group", "serve_kvstore"]
+__all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "export_artifacts", "read_params", "replica_group",
+           "serve_kvstore", "write_params"]

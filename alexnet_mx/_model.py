@@ -267,21 +267,47 @@ def save_native(model, path) -> Path:
     return path
 
 
-def load_native(model, path) -> None:
-    """Read a ``.params`` file from ``save_native``; every name and shape is checked before any is set."""
-    model = _check_model(model)
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such Gluon .params file")
+# HybridBlock.export's .params keys (export_artifacts writes them too): "arg:" or "aux:" + a parameter's name
+EXPORT_ARG, EXPORT_AUX = "arg:", "aux:"
+
+
+def read_params(path, *, named: str = "named parameters") -> dict[str, "mx.nd.NDArray"]:
+    """Every array of an MXNet ``.params`` file (``mx.nd.save``'s format: ``save_parameters``,
+    ``HybridBlock.export``, the Gluon model zoo) by name, as NDArrays. A file MXNet cannot
+    read, or one of unnamed arrays, is one WeightsError naming the file (``named``: what was wanted)."""
     try:
         loaded = mx.nd.load(str(path))
     except mx.base.MXNetError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise WeightsError(f"{path}: not a readable MXNet .params file ({first})") from None
     if not isinstance(loaded, dict):
-        raise WeightsError(f"{path}: holds unnamed arrays, not a Gluon .params file from save_parameters")
-    expected = model._collect_params_with_prefix()
-    check_arrays(model.spec, {name: tuple(p.shape) for name, p in expected.items()}, loaded, source=str(path))
+        raise WeightsError(f"{path}: holds unnamed arrays, not {named}")
+    return loaded
+
+
+def write_params(path, arrays) -> Path:
+    """Named numpy ``arrays`` as an MXNet ``.params`` file (``mx.nd.save``), written atomically."""
+    path = Path(path)
+    native = {name: mx.nd.array(value, dtype=np.asarray(value).dtype) for name, value in arrays.items()}
+    with atomic_path(path) as tmp:
+        mx.nd.save(str(tmp), native)
+    return path
+
+
+def load_native(model, path) -> None:
+    """Read a ``.params`` file from ``save_native`` (``save_parameters``' names, ``conv1.weight``) or
+    from ``export_artifacts`` / ``HybridBlock.export`` (``arg:`` + each parameter's name,
+    ``arg:conv1_weight``); every name and shape is checked before any is set."""
+    model = _check_model(model)
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such Gluon .params file")
+    loaded = read_params(path, named="a Gluon .params file from save_parameters")
+    expected, source = model._collect_params_with_prefix(), str(path)
+    if any(key.startswith((EXPORT_ARG, EXPORT_AUX)) for key in loaded):  # an export's: the graph's arguments
+        expected = {f"{EXPORT_ARG}{param.name}": param for param in expected.values()}
+        source = f"{path} (the parameters of an MXNet export)"
+    check_arrays(model.spec, {name: tuple(p.shape) for name, p in expected.items()}, loaded, source=source)
     ctx = model.ctx
     for name, param in expected.items():
         param.set_data(loaded[name].as_in_context(ctx))

@@ -53,10 +53,22 @@ class _PyTorchSGD(mx.optimizer.Optimizer):
     def __init__(self, momentum: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         self.momentum = momentum
+        # Parameter index -> the buf create_state made: the very array the updater keeps and passes back
+        # to update(), which changes it in place. Read and set here, the state needs none of Gluon's
+        # private attributes; its public route (Trainer.save_states / load_states, the updater's
+        # get_states / set_states) is a pickle, which this project never loads.
+        self.buffers: dict[int, "mx.nd.NDArray"] = {}
+        self.loaded: dict[int, np.ndarray] = {}  # set before the updater made that index's state
 
     def create_state(self, index, weight):
+        if not self.momentum or index == SUM_KEY:
+            return None
         # zeros act as PyTorch's missing buffer: momentum * 0 + g == g exactly on the first step
-        return mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype) if self.momentum and index != SUM_KEY else None
+        start = self.loaded.pop(index, None)
+        state = (mx.nd.zeros(weight.shape, weight.context, dtype=weight.dtype) if start is None
+                 else mx.nd.array(start, ctx=weight.context, dtype=weight.dtype))
+        self.buffers[index] = state
+        return state
 
     def update(self, index, weight, grad, state):
         if index == SUM_KEY:  # on a dist_sync server: keep the workers' summed push, to be pulled
@@ -102,15 +114,17 @@ class Trainer:
         self.hybridize = bool(model._active)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
-        optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=checked_lr(lr), wd=self.weight_decay)
-        # One device: no kvstore, updates run locally through the updater, whose states we read.
-        # Replicas: the KVStore sums the gradients and applies the optimizer (update_on_kvstore).
+        self._optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=checked_lr(lr), wd=self.weight_decay)
+        # One device: no kvstore, updates run locally through the updater. Replicas: the KVStore sums
+        # the gradients and applies the optimizer (update_on_kvstore). Either way the optimizer's
+        # buffers are PyTorch's buf (with dist_sync, on the servers: not here).
         kvstore = replica_kvstore() if replicas > 1 else None
-        self._trainer = gluon.Trainer(model.collect_params(), optimizer, kvstore=kvstore,
+        params = list(model.collect_params().values())  # a list, so that the updater's index i is params[i]
+        self._trainer = gluon.Trainer(params, self._optimizer, kvstore=kvstore,
                                       update_on_kvstore=True if replicas > 1 else None)
         self._distributed = replicas > 1 and self.group.processes > 1
         self._step_batch: int | None = None  # dist_sync: the batch size the servers' rescale was fixed for
-        index = {id(p): i for i, p in enumerate(self._trainer._params)}
+        index = {id(p): i for i, p in enumerate(params)}
         self._index = {name: index[id(p)] for name, p in _canonical_params(model).items()}
         self._resize: dict[tuple[int, int], tuple] = {}
 
@@ -204,7 +218,7 @@ class Trainer:
         """``values`` summed over the processes (dist_sync: through the servers, SUM_KEY)."""
         if not self._distributed:
             return list(values)
-        kvstore = self._trainer._kvstore
+        kvstore = replica_kvstore()  # the dist_sync KVStore the gluon.Trainer was given
         if not getattr(self, "_sum_key_ready", False):
             kvstore.init(SUM_KEY, mx.nd.zeros((len(values),), dtype="float64"))
             self._sum_key_ready = True
@@ -228,17 +242,11 @@ class Trainer:
 
     # ------------------------------------------------------------ optimizer state
 
-    def _updater(self):
-        """The updater holding the momentum: this process's, or the local KVStore's with replicas."""
-        if not self._trainer._kv_initialized:
-            self._trainer._init_kvstore()
-        if self._trainer._update_on_kvstore:
-            if self._distributed:
-                raise ValueError("with MXNet's dist_sync the momentum lives on the parameter servers, which MXNet "
-                                 "cannot save or set: no checkpoint with momentum; train without momentum, or with "
-                                 "the device engine")
-            return self._trainer._kvstore._updater
-        return self._trainer._updaters[0]
+    def _check_local_momentum(self) -> None:
+        if self._distributed:
+            raise ValueError("with MXNet's dist_sync the momentum lives on the parameter servers, which MXNet "
+                             "cannot save or set: no checkpoint with momentum; train without momentum, or with "
+                             "the device engine")
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """``{"momentum/<name>": PyTorch's buf}`` in canonical layout; empty without momentum.
@@ -247,14 +255,16 @@ class Trainer:
         gives the same first step, buf = g)."""
         if self.momentum == 0.0:
             return {}
-        states, params = self._updater().states, _canonical_params(self.model)
+        self._check_local_momentum()
+        optimizer, params = self._optimizer, _canonical_params(self.model)
         result = {}
         for name, i in self._index.items():
-            state = states.get(i)
-            if state is None:
-                result[MOMENTUM_PREFIX + name] = np.zeros(params[name].shape, np.float32)
+            if i in optimizer.buffers:
+                result[MOMENTUM_PREFIX + name] = optimizer.buffers[i].asnumpy()
+            elif i in optimizer.loaded:
+                result[MOMENTUM_PREFIX + name] = optimizer.loaded[i].copy()
             else:
-                result[MOMENTUM_PREFIX + name] = state.asnumpy()
+                result[MOMENTUM_PREFIX + name] = np.zeros(params[name].shape, np.float32)
         return result
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
@@ -263,11 +273,14 @@ class Trainer:
         buffers = momentum_buffers(self.model.spec, self.momentum, state)
         if not buffers:
             return
-        updater, ctx = self._updater(), self.model.ctx
+        self._check_local_momentum()
+        optimizer = self._optimizer
         for name, i in self._index.items():
-            updater.states[i] = mx.nd.array(np.asarray(buffers[name], np.float32), ctx=ctx, dtype="float32")
-            # not synced: the updater moves it to the context of the weight it updates (the KVStore's copy)
-            updater.states_synced[i] = False
+            value = np.array(buffers[name], np.float32)
+            if i in optimizer.buffers:  # in place: the updater holds this very array
+                optimizer.buffers[i][:] = value
+            else:  # create_state starts from it
+                optimizer.loaded[i] = value
 
 
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,

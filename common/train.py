@@ -246,8 +246,9 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
     test_x, test_y = data.test_images[:limit_test], data.test_labels[:limit_test]
     trainer = backend.make_trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
                                    **keywords, **({"replicas": replicas} if replicas > 1 else {}))
-    if run is not None and group.writer:
-        trainer.optimizer_state()  # a trainer that cannot checkpoint its state says so now, not after an epoch
+    if run is not None:  # a trainer that cannot checkpoint its state says so now, not after an epoch; every
+        # process asks its own: one refusing alone would leave the others waiting for it in the first step
+        trainer.optimizer_state()
     config = replace(config, trainer_options=tuple(sorted(trainer.options.items())))
     history = History(backend.NAME, config={**config.comparable(), "epochs": epochs})
     batches_per_epoch = fmnist.num_batches(len(train_y), batch_size, drop_last=False)

@@ -17,8 +17,9 @@ keys and copies arrays; no value changes, and round trips are exact.
 A file's format is recognised by its keys (the container by its first bytes), not by its
 name. A file of another architecture is refused with one line naming the first missing,
 mis-shaped or extra key. PyTorch files are read with ``torch.load(weights_only=True)``
-(no pickled code runs); MXNet files with ``mx.nd.load``. Both frameworks are imported only
-inside the functions that need them.
+(no pickled code runs), torch imported only inside the functions that need it; MXNet files
+through the MXNet backend's ``read_params`` / ``write_params`` (``mx.nd.load`` / ``mx.nd.save``),
+so that one reader serves this module and ``alexnet_mx.load_native``.
 """
 from __future__ import annotations
 
@@ -115,14 +116,12 @@ def container_of(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _mxnet():
-    """MXNet, imported through its backend: MXNet 1.9 needs the numpy shim in alexnet_mx._framework first."""
+def _mx_backend():
+    """The MXNet backend, which reads and writes ``.params`` files for this module (``read_params``,
+    ``write_params``): MXNet is imported there only, after the numpy shim it needs."""
     from .backend import load_backend
 
-    load_backend("mx")
-    import mxnet
-
-    return mxnet
+    return load_backend("mx")
 
 
 def read_arrays(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
@@ -143,15 +142,7 @@ def read_arrays(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
             raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
         return container, dict(state)
     if container == MXNET:
-        mx = _mxnet()
-        try:
-            loaded = mx.nd.load(str(path))
-        except mx.base.MXNetError as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise WeightsError(f"{path}: not a readable MXNet .params file ({first})") from None
-        if not isinstance(loaded, dict):
-            raise WeightsError(f"{path}: holds unnamed arrays, not named parameters")
-        return container, loaded
+        return container, _mx_backend().read_params(path)
     raise WeightsError(f"{path}: neither a PyTorch state_dict nor an MXNet .params file")
 
 
@@ -263,10 +254,7 @@ def write_zoo(path: str | os.PathLike, weights: Mapping[str, np.ndarray], fmt: Z
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     else:
-        mx = _mxnet()
-        arrays = {key: mx.nd.array(value, dtype="float32") for key, value in native.items()}
-        with atomic_path(path) as tmp:
-            mx.nd.save(str(tmp), arrays)
+        _mx_backend().write_params(path, native)
     return path
 
 

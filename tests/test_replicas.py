@@ -181,12 +181,13 @@ def _tf_processes(out: Path) -> list[Process]:
         for rank in range(2)]
 
 
-def _mx_processes(out: Path) -> list[Process]:
+def _mx_processes(out: Path, worker: list[str] | None = None) -> list[Process]:
+    """A dist_sync job: scheduler, server, then two workers running ``worker`` (default: the proof's worker)."""
     roles = {"DMLC_PS_ROOT_URI": "127.0.0.1", "DMLC_PS_ROOT_PORT": str(free_port()), "DMLC_NUM_WORKER": "2",
              "DMLC_NUM_SERVER": "1", "DMLC_NODE_HOST": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     serve = [sys.executable, "-c", "import alexnet_mx; alexnet_mx.serve_kvstore()"]
     return [Process(serve, {**roles, "DMLC_ROLE": "scheduler"}), Process(serve, {**roles, "DMLC_ROLE": "server"})] + \
-        [Process(_worker("mx", 2, out), {**roles, "DMLC_ROLE": "worker"}) for _ in range(2)]
+        [Process(worker or _worker("mx", 2, out), {**roles, "DMLC_ROLE": "worker"}) for _ in range(2)]
 
 
 @pytest.mark.parametrize("name, engine", [("pt", "ddp"), ("tf", "multi_worker"), ("mx", "dist_sync")])
@@ -424,3 +425,31 @@ def test_a_signal_stops_every_replica_after_the_same_step_and_rank_0_saves(signu
     position = _load(run / "checkpoint.npz")["meta/position"]
     assert 2 <= position[1] < 100  # saved inside the epoch (100 steps), at the step the replicas agreed on
     assert _processes_naming(str(run)) == []  # no replica left behind
+
+
+@needs_data
+def test_every_dist_sync_worker_refuses_a_momentum_checkpoint_and_the_job_ends(tmp_path):
+    """MXNet's dist_sync keeps the momentum on the parameter servers, where it cannot be read: each worker
+    refuses before any step, in one line, exit 2, and the servers then end by themselves. (Once only
+    rank 0 refused and the other worker waited on the servers for ever: the launcher had to kill it.)"""
+    get_backend("mx")
+    run = tmp_path / "run"
+    worker = [sys.executable, "-m", "common", "train", "--backend", "mx", "--replicas", "2", *SMALL,
+              "--run-dir", str(run)]
+    processes = _mx_processes(run, worker)
+    for index, process in enumerate(processes):
+        process.env.setdefault("PYTHONPATH", str(ROOT))
+        process.log = str(tmp_path / f"{index}-{process.env['DMLC_ROLE']}.log")
+    codes: list[int] = []
+    # grace: after the first worker's exit, how long the others may take to end by themselves
+    run_processes(processes, timeout=TIMEOUT, grace=30, cwd=str(ROOT), exit_codes=codes)
+    logs = {Path(p.log).name: Path(p.log).read_text(errors="replace") for p in processes}
+    assert codes == [0, 0, 2, 2], (codes, {name: text[-1500:] for name, text in logs.items()})
+    for process in processes[2:]:
+        text = logs[Path(process.log).name]
+        errors = [line for line in text.splitlines() if "error" in line.lower()]
+        assert len(errors) == 1 and "Traceback" not in text, text[-3000:]
+        assert errors[0].startswith("alexnet train: error: ") and "dist_sync" in errors[0]
+        assert "parameter servers" in errors[0] and "momentum" in errors[0]
+    assert not (run / "checkpoint.npz").exists()
+    assert _processes_naming(str(run)) == []

@@ -61,6 +61,14 @@ class TorchvisionAlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+def _mxnet():
+    """MXNet itself, for the oracle: imported after its backend (the numpy shim MXNet 1.9 needs)."""
+    get_backend("mx")
+    import mxnet
+
+    return mxnet
+
+
 def _torch_logits(model, x):
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
@@ -73,7 +81,7 @@ def _gluon_logits(mx, net, x):
 @pytest.fixture(scope="module")
 def peers(tmp_path_factory):
     """Both peers with one set of random weights, their outputs, and their own files."""
-    mx = zoo._mxnet()
+    mx = _mxnet()
     vision = mx.gluon.model_zoo.vision
     seed = int(os.environ.get("ALEXNET_TEST_SEED", np.random.default_rng().integers(0, 2**31 - 1)))
     print(f"\nmodel-zoo oracle seed {seed} (replay with ALEXNET_TEST_SEED={seed})")
@@ -264,7 +272,7 @@ def test_pickled_code_in_a_pth_is_refused_not_run(tmp_path):
 
 
 def test_containers_are_told_apart_by_their_first_bytes(tmp_path):
-    mx = zoo._mxnet()
+    mx = _mxnet()
     torch.save({"a": torch.zeros(1)}, tmp_path / "zip.bin")
     torch.save({"a": torch.zeros(1)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
     mx.nd.save(str(tmp_path / "mx.bin"), {"a": mx.nd.zeros(1)})
@@ -342,3 +350,56 @@ def test_predict_gives_the_same_top5_in_every_backend_and_the_peers(peers, conve
         assert max(abs(p - q) for (_, p), (_, q) in zip(got, want)) < 1e-4  # printed to 4 decimals of a percent
         names = images.imagenet_class_names()
         assert all(f"  {names[i]} ({i})" in line for (i, _), line in zip(want, lines[2:7]))
+
+
+def test_one_mxnet_reader_serves_the_zoo_and_load_native_with_their_messages(tmp_path):
+    """common.zoo and alexnet_mx.load_native read .params files through alexnet_mx.read_params."""
+    mx = _mxnet()
+    backend = get_backend("mx")
+    model = backend.build(get_spec("book").with_input(1, 65, 65), device="cpu")
+    unnamed = tmp_path / "unnamed.params"
+    mx.nd.save(str(unnamed), [mx.nd.zeros((1,))])
+    with pytest.raises(WeightsError, match="unnamed.params: holds unnamed arrays, not named parameters$"):
+        zoo.read_arrays(unnamed)
+    with pytest.raises(WeightsError, match="unnamed.params: holds unnamed arrays, not a Gluon .params file from "
+                                           "save_parameters$"):
+        backend.load_native(model, unnamed)
+    garbage = tmp_path / "garbage.params"
+    garbage.write_bytes((0x112).to_bytes(8, "little") + b"not an array list")  # mx.nd.save's header, then junk
+    for read in (zoo.read_arrays, lambda path: backend.load_native(model, path)):
+        with pytest.raises(WeightsError, match=r"garbage.params: not a readable MXNet .params file \("):
+            read(garbage)
+
+
+# ---------------------------------------------------------------------- MXNet's export: no zoo file
+def test_the_params_of_an_mxnet_export_convert_to_canonical_weights(tmp_path, capsys):
+    """`alexnet export --backend mx` writes alexnet-0000.params with HybridBlock.export's keys (``arg:`` +
+    the Gluon parameter's name): neither a zoo's nor save_parameters'. convert maps them back, bit for bit."""
+    from common.weights import init_weights, save_weights
+
+    mx = _mxnet()
+    spec = get_spec("book").with_input(1, 65, 65)
+    weights = init_weights(spec, 3)
+    save_weights(tmp_path / "w.npz", weights)
+    assert main(["export", "--backend", "mx", "--weights", str(tmp_path / "w.npz"), "--out", str(tmp_path / "out"),
+                 "--input", "1,65,65"]) == 0
+    exported = tmp_path / "out" / "alexnet-0000.params"
+    assert sorted(mx.nd.load(str(exported))) == sorted(f"arg:{name.replace('.', '_')}" for name in weights)
+    capsys.readouterr()
+    assert main(["convert", str(exported), str(tmp_path / "back.npz"), "--input", "1,65,65"]) == 0
+    assert f"from {exported} (mx)" in capsys.readouterr().out
+    back = read_npz(tmp_path / "back.npz")
+    assert list(back) == list(weights) and all(np.array_equal(back[k], weights[k]) for k in weights)
+
+
+def test_the_export_of_another_network_is_one_line_naming_the_file(tmp_path, capsys):
+    mx = _mxnet()
+    other = tmp_path / "other-0000.params"  # e.g. Gluon's own zoo AlexNet through HybridBlock.export
+    mx.nd.save(str(other), {"arg:alexnet0_conv0_weight": mx.nd.zeros((64, 3, 11, 11)),
+                            "arg:alexnet0_conv0_bias": mx.nd.zeros((64,))})
+    assert main(["convert", str(other), str(tmp_path / "out.npz"), "--input", "1,65,65"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"{other} (the parameters of an MXNet export) do not fit spec 'book'" in err
+    assert "missing arg:conv1_weight (96, 1, 11, 11)" in err and "unexpected arg:alexnet0_conv0_weight" in err
+    assert not (tmp_path / "out.npz").exists()

@@ -15,6 +15,7 @@ import pytest
 from common import zoo
 from common.cli import main
 from common.weights import WeightsError
+from tests.conftest import get_backend
 
 CONTENT = b"not really AlexNet, but bytes whose digest the name must vouch for" * 1000
 
@@ -127,7 +128,7 @@ def test_the_published_records_are_the_peers_own(capsys):
     assert torchvision.format is zoo.TORCHVISION and torchvision.algorithm == "sha256"
     gluon = zoo.PUBLISHED["gluon"]
     assert gluon.format is zoo.GLUON and gluon.algorithm == "sha1"
-    zoo._mxnet()  # MXNet through its backend: the numpy shim first
+    get_backend("mx")  # MXNet through its backend: the numpy shim first
     from mxnet.gluon.model_zoo import model_store
 
     name = f"alexnet-{model_store.short_hash('alexnet')}"
