@@ -4,8 +4,9 @@ PyTorch layout), and Keras' own checkpoints.
 
 Keras-specific facts handled here and nowhere else: NHWC activations (the first dense
 layer's canonical NCHW columns are permuted on load and back on export), kernels stored
-(kH, kW, in/groups, out) and (in, out), explicit ``ZeroPadding2D`` before every 'valid'
-convolution."""
+(kH, kW, in/groups, out) and (in, out), the spec's explicit padding as Keras' "same" where
+that is exactly the same (``same_padding``) and otherwise a ``ZeroPadding2D`` before a "valid"
+convolution (Keras' "same" pads asymmetrically when the stride is above 1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,15 +31,31 @@ _STRATEGY_ATTR = "alexnet_strategy"
 PAD_SUFFIX = "_pad"
 
 
+def same_padding(layer: S.Conv2d) -> bool:
+    """Whether Keras' padding="same" is exactly the spec's explicit zero padding, for every input
+    size: stride 1 and an odd kernel padded by (k - 1) / 2 on each side. (With a stride above 1,
+    "same" pads by an amount that depends on the input size, and asymmetrically.) Such a
+    convolution runs as one op instead of a Pad and a "valid" convolution: oneDNN pads inside
+    its kernel, and the backward pass has no Pad gradient to slice."""
+    return layer.stride == (1, 1) and all(k % 2 == 1 and p == (k - 1) // 2
+                                          for k, p in zip(layer.kernel_size, layer.padding))
+
+
+def needs_pad_layer(layer: S.Conv2d) -> bool:
+    """Whether the convolution is preceded by a ``ZeroPadding2D`` (named ``<conv>_pad``)."""
+    return any(layer.padding) and not same_padding(layer)
+
+
 def _native_layers(layer: S.Layer, index: int) -> list:
     """The Keras layers that compute one spec layer, in order; the last one is named after it."""
     name = layer.name
     if isinstance(layer, S.Conv2d):
         (ph, pw) = layer.padding
-        pad = [keras.layers.ZeroPadding2D(((ph, ph), (pw, pw)), name=name + PAD_SUFFIX)] if ph or pw else []
+        pad = [keras.layers.ZeroPadding2D(((ph, ph), (pw, pw)), name=name + PAD_SUFFIX)] if needs_pad_layer(layer) else []
         return pad + [keras.layers.Conv2D(
-            layer.out_channels, layer.kernel_size, strides=layer.stride, padding="valid", groups=layer.groups,
-            kernel_initializer="zeros", bias_initializer="zeros", name=name,
+            layer.out_channels, layer.kernel_size, strides=layer.stride,
+            padding="same" if same_padding(layer) else "valid",
+            groups=layer.groups, kernel_initializer="zeros", bias_initializer="zeros", name=name,
         )]
     if isinstance(layer, S.MaxPool2d):
         return [keras.layers.MaxPooling2D(layer.kernel_size, strides=layer.stride, padding="valid", name=name)]
@@ -118,7 +135,7 @@ def plan(model) -> tuple[tuple[S.Layer, tuple], ...]:
         steps = []
         for layer in spec_of(model).layers:
             natives = []
-            if isinstance(layer, S.Conv2d) and any(layer.padding):
+            if isinstance(layer, S.Conv2d) and needs_pad_layer(layer):
                 natives.append(model.get_layer(layer.name + PAD_SUFFIX))
             natives.append(model.get_layer(layer.name))
             steps.append((layer, tuple(natives)))

@@ -143,17 +143,23 @@ class Trainer:
                 with _compute_policy(self.model, POLICIES[self.precision]):
                     logits = tf.cast(run(self.model, x, training=True, seed=seed), tf.float32)
                 loss = tf.reduce_mean(cross_entropy(logits, labels))
-            grads = tape.gradient(loss, self._variables)
-            lr, momentum = self._lr, tf.constant(self.momentum, tf.float32)
-            for index, (variable, grad) in enumerate(zip(self._variables, grads)):
-                if self.weight_decay:
-                    grad = grad + self.weight_decay * variable.value
-                if self.momentum:  # one fused kernel: reproducible (see the note at the top)
-                    tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle, lr=lr,
-                                                     grad=grad, momentum=momentum)
-                else:
-                    variable.assign_sub(lr * grad)
+            self._apply(tape.gradient(loss, self._variables))
             return loss, correct_count(logits, labels)
+
+    def _apply(self, grads) -> None:
+        """PyTorch's SGD update of every variable, inside a compiled step. Each variable is updated in
+        place by one fused kernel: ResourceApplyMomentum with momentum (reproducible, see the note at
+        the top), ResourceApplyGradientDescent without (var -= lr * grad, without the copy of every
+        weight that a read, a subtraction and an assignment make)."""
+        lr, momentum = self._lr, tf.constant(self.momentum, tf.float32)
+        for index, (variable, grad) in enumerate(zip(self._variables, grads)):
+            if self.weight_decay:
+                grad = grad + self.weight_decay * variable.value
+            if self.momentum:
+                tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle, lr=lr,
+                                                 grad=grad, momentum=momentum)
+            else:
+                tf.raw_ops.ResourceApplyGradientDescent(var=variable.value.handle, alpha=lr, delta=grad)
 
     def _distributed_train_fn(self, x, labels, seeds):
         """One step of every replica: each its slice of the global batch, gradients all-reduced."""
@@ -172,18 +178,10 @@ class Trainer:
                 with _compute_policy(self.model, POLICIES[self.precision]):
                     logits = tf.cast(run(self.model, x, training=True, seed=seeds[replica]), tf.float32)
                 loss = tf.nn.compute_average_loss(cross_entropy(logits, labels), global_batch_size=batch)
-            grads = context.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, self._variables))
-            lr, momentum = self._lr, tf.constant(self.momentum, tf.float32)
-            # In the replica context a mirrored variable's handle is this replica's own copy: every
-            # replica applies the same all-reduced step to its copy.
-            for index, (variable, grad) in enumerate(zip(self._variables, grads)):
-                if self.weight_decay:  # after the all-reduce: once, not once per replica
-                    grad = grad + self.weight_decay * variable.value
-                if self.momentum:
-                    tf.raw_ops.ResourceApplyMomentum(var=variable.value.handle, accum=self._buffers[index].handle,
-                                                     lr=lr, grad=grad, momentum=momentum)
-                else:
-                    tf.raw_ops.ResourceApplyGradientDescent(var=variable.value.handle, alpha=lr, delta=grad)
+            # After the all-reduce, so weight decay is added once, not once per replica. In the replica
+            # context a mirrored variable's handle is this replica's own copy: every replica applies the
+            # same all-reduced step to its copy.
+            self._apply(context.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, self._variables)))
             return loss, correct_count(logits, labels)
 
         loss, correct = self._strategy.run(replica_step, args=(x, labels, seeds))

@@ -255,6 +255,21 @@ def test_paper_variant_builds_with_groups_and_lrn_and_shapes_match_common():
 
 
 @needs_tf
+def test_padding_is_keras_same_only_where_that_is_exact():
+    """'same' for stride 1 and (k - 1) / 2 on an odd kernel (one op, no Pad); otherwise ZeroPadding2D
+    and 'valid': 'same' with stride 4 would pad 224 by 3 + 4, not by the book's 1 + 1."""
+    from alexnet_tf._model import same_padding
+
+    conv = lambda k, s, p: S.Conv2d("c", 8, (k, k), stride=(s, s), padding=(p, p))  # noqa: E731
+    assert same_padding(conv(3, 1, 1)) and same_padding(conv(5, 1, 2)) and same_padding(conv(1, 1, 0))
+    assert not any(same_padding(c) for c in (conv(11, 4, 1), conv(3, 2, 1), conv(5, 1, 1), conv(4, 1, 1), conv(3, 1, 0)))
+    model = A.build(S.book_alexnet().with_input(1, 67, 67))
+    layers = {layer.name: layer for layer in model.layers}
+    assert layers["conv1"].padding == "valid" and "conv1_pad" in layers  # stride 4, padding 1
+    assert all(layers[f"conv{i}"].padding == "same" and f"conv{i}_pad" not in layers for i in (2, 3, 4, 5))
+
+
+@needs_tf
 def test_lrn_uses_pytorch_alpha_convention():
     spec = S.paper_alexnet().with_input(3, 67, 67).with_dropout(0.0)
     model = A.build(spec)
