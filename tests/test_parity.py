@@ -57,7 +57,7 @@ def test_an_inference_only_backend_is_checked_on_the_forward_pass(oracle):
 # Mixed precision against the same float64 oracle, each precision with its own tolerances on the worst
 # relative error of a step's loss and of a parameter's change after the 3 steps (common.parity.
 # low_precision_errors). Measured before they were chosen: book network, seeds 0-4, this CPU (AMD EPYC, AVX2);
-# float32 gives ~1e-7 and ~1e-5:
+# float32 gives up to 1e-6 and 1.2e-4 (seeds 0-1):
 #   bf16 (8 mantissa bits):  loss 3.7e-4..1.9e-3 (pt), 1.1e-3..4.0e-3 (tf); change 0.22..0.28 (pt), 0.26..0.28 (tf)
 #   fp16 (11 bits, scale 2**15): loss 2.0e-4..1.3e-3 (pt), 1.1e-4..9.3e-4 (tf); change 0.11..0.17 (pt), 0.11..0.18 (tf)
 # asserted: bf16 loss 1e-2, change 0.5; fp16 loss 4e-3, change 0.35 (about 2-3 times the worst measured). The
@@ -78,7 +78,7 @@ def test_mixed_precision_training_matches_the_oracle_within_its_own_tolerances(o
     print(f"{backend.NAME} {precision}: loss {result.loss:.2e}, worst parameter change {result.steps:.2e}")
     tolerances = LOW_PRECISION_TOLERANCES[precision]
     assert result.loss <= tolerances["loss"] and result.steps <= tolerances["steps"], result
-    assert result.loss > 1e-5  # it really computed in low precision (float32 gives ~1e-7)
+    assert result.loss > 1e-5  # it really computed in low precision (float32: up to 1e-6)
 
 
 def test_the_oracle_case_moves_every_parameter(oracle):
