@@ -31,6 +31,13 @@ CAPABILITIES = Capabilities(
         ReplicaEngine("dist_sync", "KVStore 'dist_sync', one worker process per replica with parameter servers, "
                       "roles set by DMLC_* (one machine or several); momentum lives on the servers", processes=True),
     ),
+    # MXNet's AMP (mxnet.contrib.amp), tried in this build (the pip wheel: oneDNN, no CUDA); _trainer.py has the details
+    precision_gaps=(
+        ("bf16", "MXNet 1.9.1's AMP computes bfloat16 only in oneDNN kernels that need AVX-512; on an AVX2 CPU not "
+                 "one bfloat16 convolution or dense layer runs (oneDNN: could not create a primitive descriptor)"),
+        ("fp16", "MXNet 1.9.1's AMP computes float16 on CUDA GPUs only (on a CPU: FP16 gemm on cpu not "
+                 "implemented), and no GPU that MXNet 1.9.1 runs on was at hand to test it"),
+    ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 

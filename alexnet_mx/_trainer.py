@@ -24,6 +24,15 @@ The KVStore applies the optimizer (``update_on_kvstore``, Gluon's default; with 
 on the servers, which MXNet sends the optimizer to) and every context pulls the result. With
 ``dist_sync``, ``update_on_kvstore=False`` gave wrong momentum steps in 2 of 6 repeated runs
 here (up to 10.8 absolute, cause unknown), so it is not used.
+
+Precision: float32 only. MXNet's mixed precision is AMP (``mxnet.contrib.amp``: ``amp.init`` wraps
+the operators process-wide, ``convert_symbol``/``convert_hybrid_block`` insert ``amp_cast`` nodes into
+one graph). Both were tried on this build, the pip wheel (oneDNN, no CUDA), on an AVX2 CPU: with
+``target_dtype="bfloat16"`` every Convolution and FullyConnected failed, forward already, with oneDNN's
+"could not create a primitive descriptor iterator" (its bfloat16 kernels need AVX-512), and with
+oneDNN off (MXNET_MKLDNN_ENABLED=0) MXNet's own kernels know no bfloat16 ("Unknown type enum 12");
+with "float16" both paths stop at "FP16 gemm on cpu not implemented" (float16 is for CUDA GPUs). The
+record's ``precision_gaps`` gives these reasons in the refusal.
 """
 from __future__ import annotations
 
@@ -33,7 +42,7 @@ import numpy as np
 
 from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed, shard_bounds
-from common.weights import MOMENTUM_PREFIX, momentum_buffers
+from common.weights import MOMENTUM_PREFIX, momentum_buffers, split_loss_scale
 
 from . import CAPABILITIES
 from ._framework import mx, replica_group, replica_kvstore
@@ -270,6 +279,7 @@ class Trainer:
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Set the momentum buffers from ``optimizer_state()``'s format (checked in full first by
         ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        split_loss_scale(state, scaled=False)  # float32 only: a loss scale (an fp16 run's) is refused
         buffers = momentum_buffers(self.model.spec, self.momentum, state)
         if not buffers:
             return
@@ -286,7 +296,7 @@ class Trainer:
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  hybridize: bool | None = None, precision: str = "fp32", replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics through ``gluon.Trainer``. ``hybridize`` None keeps the model
-    as ``build`` made it (hybridized, static_alloc and static_shape); ``precision`` is fp32 only;
+    as ``build`` made it (hybridized, static_alloc and static_shape); ``precision`` is fp32 only (module docstring);
     ``replicas`` N > 1 trains a model built after ``configure_replicas(N)`` (module docstring)."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, hybridize=hybridize,
                    precision=precision, replicas=replicas)

@@ -13,7 +13,10 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
 * ``compile``: ``torch.compile`` of the forward pass. Default off: on this project's CPU it
   did not pay for its compile time (docs/benchmarks.md); try it on a GPU.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
-  precision (float32 master weights and optimizer state; fp16 with a gradient scaler).
+  precision (float32 master weights and optimizer state; fp16 with ``torch.amp.GradScaler``, set to the
+  project's one dynamic loss-scaling rule, ``common.weights``' LOSS_SCALE_*: start at 2**15, double
+  after 2000 finite steps, halve and skip the step on a non-finite gradient; its scale and count are
+  in ``optimizer_state()``, so a resumed fp16 run equals an uninterrupted one).
 
 Replicas (``replicas=N``, in each of N processes that ``configure_replicas(N)`` joined into a
 process group): the model runs wrapped in ``DistributedDataParallel``. Every process is given
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 
 from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed, shard
-from common.weights import DTYPE, MOMENTUM_PREFIX, momentum_buffers
+from common.weights import (DTYPE, LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
+                            LOSS_SCALED_PRECISIONS, MOMENTUM_PREFIX, loss_scale_entries, momentum_buffers,
+                            split_loss_scale)
 
 from . import CAPABILITIES
 from ._framework import DTYPES, replica_group
@@ -75,7 +80,10 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self._forward = torch.compile(self._forward) if self.compile else self._forward
         self._autocast_dtype = None if precision == "fp32" else DTYPES[precision]
-        self._scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+        self._scaler = torch.amp.GradScaler(
+            self.device.type, init_scale=LOSS_SCALE_INITIAL, growth_factor=LOSS_SCALE_FACTOR,
+            backoff_factor=1 / LOSS_SCALE_FACTOR, growth_interval=LOSS_SCALE_GROWTH_INTERVAL,
+        ) if precision in LOSS_SCALED_PRECISIONS else None
         self._params = _parameters(model)
         self.optimizer = torch.optim.SGD(
             list(self._params.values()), lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
@@ -213,14 +221,18 @@ class Trainer:
 
     # ------------------------------------------------------- optimizer state
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        """``{"momentum/<param>": buffer}`` in canonical layout; empty when momentum is 0.
+        """``{"momentum/<param>": buffer}`` in canonical layout (none when momentum is 0), and with fp16
+        the GradScaler's scale and count (``common.weights.loss_scale_entries``).
 
         Before the first step the buffers are zeros, which is the same thing: PyTorch's
         ``buf = g`` on the first step equals ``momentum * 0 + g``.
         """
-        if self.momentum == 0.0:
-            return {}
         state: dict[str, np.ndarray] = {}
+        if self._scaler is not None:
+            scaler = self._scaler.state_dict()
+            state.update(loss_scale_entries(scaler["scale"], scaler["_growth_tracker"]))
+        if self.momentum == 0.0:
+            return state
         for name, param in self._params.items():
             buf = self.optimizer.state.get(param, {}).get("momentum_buffer")
             state[MOMENTUM_PREFIX + name] = (np.zeros(tuple(param.shape), DTYPE) if buf is None  # C order, whatever the memory format
@@ -229,8 +241,13 @@ class Trainer:
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
         """Set the momentum buffers from ``optimizer_state()`` output (checked in full first by
-        ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        ``common.weights.split_loss_scale`` and ``momentum_buffers``; none given: zeros and the initial
+        loss scale, a fresh start)."""
+        state, loss_scale = split_loss_scale(state, scaled=self._scaler is not None)
         buffers = momentum_buffers(self.spec, self.momentum, state)
+        if loss_scale is not None:
+            scale, good_steps = loss_scale
+            self._scaler.load_state_dict({**self._scaler.state_dict(), "scale": scale, "_growth_tracker": good_steps})
         for name, param in self._params.items():
             if name in buffers:
                 buf = torch.from_numpy(np.array(buffers[name], dtype=DTYPE)).to(self.device)

@@ -16,6 +16,18 @@ decay is added once, after the all-reduce (added before it, each replica's ``wd 
 summed N times), and every replica then applies the same fused update to its own copy of the
 variables, so the copies stay equal. The momentum buffers are mirrored variables created inside
 the strategy's scope before the first step (created lazily inside a distributed step, they fail).
+
+Mixed precision: the layers compute under a Keras dtype policy (``mixed_bfloat16``, ``mixed_float16``)
+inside the compiled step; the variables, the gradients the tape returns and the update stay float32.
+fp16 scales the loss dynamically, with ``keras.optimizers.LossScaleOptimizer``'s rule and defaults
+(``common.weights``: start at 2**15, double after 2000 finite steps in a row, halve and skip the update
+when any gradient is NaN or infinite). ``LossScaleOptimizer`` wraps a Keras optimizer's ``apply``, and
+this step's update is not a Keras optimizer but the fused kernel above, so the same algorithm is
+written into the graph: the scale and its count of finite steps are non-trainable variables of this
+trainer, the gradients are divided by the scale (a power of two: exact), and ``tf.cond`` runs the
+update only when they are all finite. Both variables are in ``optimizer_state()``, so a resumed fp16
+run equals an uninterrupted one. With replicas every replica decides on the all-reduced gradients,
+the same numbers everywhere, and writes its own copy of the two variables, as it does the momentum.
 """
 from __future__ import annotations
 
@@ -26,7 +38,8 @@ import numpy as np
 
 from common.backend import checked_lr
 from common.replicas import SINGLE, check_replicas, replica_seed
-from common.weights import MOMENTUM_PREFIX, momentum_buffers
+from common.weights import (LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, LOSS_SCALED_PRECISIONS,
+                            MOMENTUM_PREFIX, loss_scale_entries, momentum_buffers, split_loss_scale)
 
 from . import CAPABILITIES
 from ._framework import keras, replica_group, tf
@@ -46,8 +59,7 @@ from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_
 JIT_EVAL = False
 
 # Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).
-# bf16 only (CAPABILITIES.precisions): fp16 would need loss scaling, which this SGD step does not have.
-POLICIES = {"fp32": None, "bf16": "mixed_bfloat16"}
+POLICIES = {"fp32": None, "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
 @contextlib.contextmanager
@@ -106,6 +118,11 @@ class Trainer:
                 tf.Variable(tf.zeros(p.variable.shape, tf.float32), trainable=False, name=f"momentum_{i}")
                 for i, p in enumerate(self._params)
             ] if self.momentum else []
+            # float16's dynamic loss scale (module docstring); None where the precision needs none
+            self._loss_scale = self._good_steps = None
+            if self.precision in LOSS_SCALED_PRECISIONS:
+                self._loss_scale = tf.Variable(LOSS_SCALE_INITIAL, dtype=tf.float32, trainable=False, name="loss_scale")
+                self._good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="loss_scale_good_steps")
         self._resize_cache: dict[tuple[int, int], tuple] = {}
         x_spec = input_signature(self.spec)
         y_spec = tf.TensorSpec((None,), tf.int64)
@@ -143,7 +160,8 @@ class Trainer:
                 with _compute_policy(self.model, POLICIES[self.precision]):
                     logits = tf.cast(run(self.model, x, training=True, seed=seed), tf.float32)
                 loss = tf.reduce_mean(cross_entropy(logits, labels))
-            self._apply(tape.gradient(loss, self._variables))
+                scaled = loss if self._loss_scale is None else loss * self._loss_scale
+            self._unscaled_update(tape.gradient(scaled, self._variables), self._apply)
             return loss, correct_count(logits, labels)
 
     def _apply(self, grads) -> None:
@@ -178,15 +196,39 @@ class Trainer:
                 with _compute_policy(self.model, POLICIES[self.precision]):
                     logits = tf.cast(run(self.model, x, training=True, seed=seeds[replica]), tf.float32)
                 loss = tf.nn.compute_average_loss(cross_entropy(logits, labels), global_batch_size=batch)
+                scaled = loss if self._loss_scale is None else loss * self._loss_scale
             # After the all-reduce, so weight decay is added once, not once per replica. In the replica
             # context a mirrored variable's handle is this replica's own copy: every replica applies the
             # same all-reduced step to its copy.
-            self._apply(context.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(loss, self._variables)))
+            self._unscaled_update(context.all_reduce(tf.distribute.ReduceOp.SUM, tape.gradient(scaled, self._variables)),
+                                  self._apply)
             return loss, correct_count(logits, labels)
 
         loss, correct = self._strategy.run(replica_step, args=(x, labels, seeds))
         total = tf.distribute.ReduceOp.SUM
         return self._strategy.reduce(total, loss, axis=None), self._strategy.reduce(total, correct, axis=None)
+
+    def _unscaled_update(self, grads, update) -> None:
+        """``update(grads)``, or with a loss scale: the gradients divided by it, the update only if they
+        are all finite, and the scale's rule (module docstring). Written to the variables' handles, so
+        in a replica context each replica sets its own copy (all to the same values)."""
+        if self._loss_scale is None:
+            update(grads)
+            return
+        scale, good = self._loss_scale.read_value(), self._good_steps.read_value()
+        grads = [grad / scale for grad in grads]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(grad)) for grad in grads])
+
+        def apply():
+            update(grads)
+            return tf.constant(True)
+
+        tf.cond(finite, apply, lambda: tf.constant(False))
+        grow = tf.logical_and(finite, good + 1 >= LOSS_SCALE_GROWTH_INTERVAL)
+        new_scale = tf.where(grow, scale * LOSS_SCALE_FACTOR, tf.where(finite, scale, scale / LOSS_SCALE_FACTOR))
+        new_good = tf.where(tf.logical_and(finite, tf.logical_not(grow)), good + 1, tf.zeros_like(good))
+        tf.raw_ops.AssignVariableOp(resource=self._loss_scale.handle, value=new_scale)
+        tf.raw_ops.AssignVariableOp(resource=self._good_steps.handle, value=new_good)
 
     def _any_fn(self, flag):
         """How many replicas were given a true ``flag`` (ReduceOp has no MAX: a sum does)."""
@@ -261,24 +303,34 @@ class Trainer:
         return float(loss), int(correct)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
-        if not self.momentum:
-            return {}
-        return {MOMENTUM_PREFIX + p.name: p.to_canonical(buffer.numpy()) for p, buffer in zip(self._params, self._buffers)}
+        """Momentum buffers by canonical name and layout (none without momentum), and with fp16 the
+        loss scale (``common.weights.loss_scale_entries``)."""
+        state = {MOMENTUM_PREFIX + p.name: p.to_canonical(buffer.numpy())
+                 for p, buffer in zip(self._params, self._buffers)}
+        if self._loss_scale is not None:
+            state.update(loss_scale_entries(self._loss_scale.numpy(), self._good_steps.numpy()))
+        return state
 
     def load_optimizer_state(self, state: Mapping[str, np.ndarray]) -> None:
-        """Momentum buffers by canonical name and layout (checked in full first by
-        ``common.weights.momentum_buffers``; none given: zeros, a fresh start)."""
+        """Momentum buffers by canonical name and layout, and the loss scale (checked in full first by
+        ``common.weights.split_loss_scale`` and ``momentum_buffers``; none given: zeros and the initial
+        scale, a fresh start)."""
+        state, loss_scale = split_loss_scale(state, scaled=self._loss_scale is not None)
         buffers = momentum_buffers(self.spec, self.momentum, state)
         native = [p.to_native(np.asarray(buffers[p.name], np.float32)) for p in self._params] if buffers else []
         for buffer, value in zip(self._buffers, native):
             buffer.assign(value)
+        if loss_scale is not None:
+            self._loss_scale.assign(loss_scale[0])
+            self._good_steps.assign(loss_scale[1])
 
 
 def make_trainer(model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  jit_compile: bool | None = None, precision: str = "fp32", replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics in one compiled step. ``jit_compile`` (default: on a GPU only,
-    see ``_model.xla_by_default``) compiles the train step with XLA; ``precision`` "bf16" computes in
-    bfloat16 with float32 weights (default "fp32", what the parity suite checks). ``replicas`` N > 1
+    see ``_model.xla_by_default``) compiles the train step with XLA; ``precision`` "bf16" or "fp16" computes
+    in bfloat16 or float16 with float32 weights, fp16 with a dynamic loss scale (module docstring; default
+    "fp32", what the parity suite checks). ``replicas`` N > 1
     trains a model built after ``configure_replicas(N)`` with its strategy (module docstring)."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay, jit_compile=jit_compile,
                    precision=precision, replicas=replicas)

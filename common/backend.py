@@ -79,6 +79,9 @@ class Capabilities:
     # The framework's own data-parallel engines (``configure_replicas``); the first is what
     # ``alexnet train --replicas N`` uses on one machine. Empty: one replica only.
     replicas: tuple[ReplicaEngine, ...] = ()
+    # (precision, why this backend does not train in it) for precisions of PRECISIONS that the framework
+    # has but that could not be made to train here: the refusal gives the reason in its one line.
+    precision_gaps: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         for what, values, allowed in (("precisions", self.precisions, PRECISIONS),
@@ -88,12 +91,17 @@ class Capabilities:
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise ValueError(f"backend {self.name}: unknown {what} {unknown}; allowed {allowed}")
+        gaps = [precision for precision, _ in self.precision_gaps]
+        if set(gaps) - set(PRECISIONS) or set(gaps) & set(self.precisions):
+            raise ValueError(f"backend {self.name}: precision_gaps {gaps} must name precisions of {PRECISIONS} "
+                             f"outside precisions {self.precisions}")
 
     def check_precision(self, precision: str) -> str:
         if precision not in self.precisions:
             verb = "trains" if self.trains else "runs"
+            why = dict(self.precision_gaps).get(precision)
             raise ValueError(f"the {self.framework} backend ({self.name}) {verb} in precision "
-                             f"{' or '.join(self.precisions)}, not {precision!r}")
+                             f"{' or '.join(self.precisions)}, not {precision!r}" + (f": {why}" if why else ""))
         return precision
 
     def check_math_mode(self, math: str) -> str:

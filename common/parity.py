@@ -307,6 +307,35 @@ def check_backend(backend, oracle: Oracle, *, device: str = "cpu") -> BackendRes
     return result
 
 
+# --------------------------------------------------------------------------- mixed precision
+@dataclass(frozen=True)
+class LowPrecisionResult:
+    """STEPS train steps of one backend in a mixed precision against the float64 oracle: the worst relative
+    error of a step's loss and of a parameter's change (``steps``' comparison without a storage floor:
+    these errors are the precision's, far above float32 storage)."""
+
+    backend: str
+    precision: str
+    loss: float
+    steps: float
+
+
+def low_precision_errors(backend, oracle: Oracle, precision: str, *, device: str = "cpu") -> LowPrecisionResult:
+    """The training checks of ``check_backend`` for ``backend``'s own ``precision`` ("bf16", "fp16": its
+    ``CAPABILITIES.precisions``), on the oracle's batches, weights and SGD settings."""
+    model = backend.build(oracle.train_spec, weights=oracle.train_weights, device=device)
+    trainer = backend.make_trainer(model, lr=SGD_LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, precision=precision)
+    losses = [trainer.train_step(to_backend_layout(x, backend.LAYOUT), labels, seed=step)[0]
+              for step, (x, labels) in enumerate(oracle.batches)]
+    after = backend.export_weights(model)
+    # np.max, not max(): a NaN (a step that diverged) must come out as the worst, not be compared away
+    loss = float(np.max([reference.relative_error(np.array(a), np.array(b))
+                         for a, b in zip(losses, oracle.step_losses)]))
+    steps = float(np.max([reference.relative_error(after[name].astype(np.float64) - start, oracle.change[name])
+                          for name, start in oracle.train_weights.items()]))
+    return LowPrecisionResult(backend.NAME, precision, loss, steps)
+
+
 # --------------------------------------------------------------------------- the report
 @dataclass(frozen=True)
 class Failure:
@@ -437,5 +466,6 @@ def render(report: ParityReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["BackendResult", "Failure", "Oracle", "ParityReport", "TOLERANCES", "Tolerances", "build_oracle",
-           "check_backend", "compare", "forward_case", "layer_errors", "run_parity", "to_backend_layout"]
+__all__ = ["BackendResult", "Failure", "LowPrecisionResult", "Oracle", "ParityReport", "TOLERANCES", "Tolerances",
+           "build_oracle", "check_backend", "compare", "forward_case", "layer_errors", "low_precision_errors",
+           "run_parity", "to_backend_layout"]

@@ -147,6 +147,53 @@ def momentum_buffers(spec: ModelSpec, momentum: float, state: Mapping[str, objec
     return {name: state[MOMENTUM_PREFIX + name] for name in shapes}
 
 
+# Dynamic loss scaling, for float16 training: float16's largest value is 65504 and its smallest normal
+# 6.1e-5, so small gradients vanish unless the loss is scaled up before the backward pass. One rule in
+# every backend, Keras' LossScaleOptimizer's defaults (PyTorch's GradScaler is given the same): start at
+# 2**15; a step whose gradients are all finite is applied with them divided by the scale and counted,
+# and after 2000 such steps in a row the scale doubles; a step with any NaN or infinite gradient is
+# skipped (weights and momentum unchanged), halves the scale and restarts the count.
+LOSS_SCALED_PRECISIONS = ("fp16",)  # bf16 has float32's range: it needs no loss scale
+LOSS_SCALE_INITIAL, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_FACTOR = 2.0 ** 15, 2000, 2.0
+# The loss scale's optimizer state entries: the scale (float32) and the finite steps since it last changed (int64).
+LOSS_SCALE_KEY, GOOD_STEPS_KEY = "loss_scale/scale", "loss_scale/good_steps"
+
+
+def loss_scale_entries(scale: float, good_steps: int) -> dict[str, np.ndarray]:
+    """The loss scale's entries of ``Trainer.optimizer_state()`` (0-d arrays): a checkpoint keeps them, so a
+    resumed float16 run scales, skips and grows exactly as the uninterrupted one."""
+    return {LOSS_SCALE_KEY: np.array(scale, np.float32), GOOD_STEPS_KEY: np.array(good_steps, np.int64)}
+
+
+def split_loss_scale(state: Mapping[str, object], *,
+                     scaled: bool) -> tuple[dict[str, object], tuple[float, int] | None]:
+    """(``state`` without the loss-scale entries, (scale, good steps)) for a trainer that scales its loss
+    (``scaled``; no entries: the initial scale, a fresh start), or (``state``, None) for one that does
+    not. Checked before the caller changes anything: both entries or neither, a finite scale > 0, and
+    good steps in [0, LOSS_SCALE_GROWTH_INTERVAL)."""
+    rest = {name: value for name, value in state.items() if name not in (LOSS_SCALE_KEY, GOOD_STEPS_KEY)}
+    found = {name: np.asarray(state[name]) for name in (LOSS_SCALE_KEY, GOOD_STEPS_KEY) if name in state}
+    if not scaled:
+        if found:
+            raise WeightsError(f"this trainer does not scale its loss (only precision "
+                               f"{' or '.join(LOSS_SCALED_PRECISIONS)} does): unexpected {', '.join(sorted(found))}")
+        return rest, None
+    if not found:
+        return rest, (LOSS_SCALE_INITIAL, 0)
+    if len(found) == 1:
+        raise WeightsError(f"loss scale state: {next(iter(found))} without "
+                           f"{({LOSS_SCALE_KEY, GOOD_STEPS_KEY} - set(found)).pop()}")
+    scale, good = found[LOSS_SCALE_KEY], found[GOOD_STEPS_KEY]
+    if scale.shape or good.shape or not np.issubdtype(scale.dtype, np.floating) \
+            or not np.issubdtype(good.dtype, np.integer):
+        raise WeightsError(f"loss scale state: expected a float scalar and an integer scalar, got "
+                           f"{scale.dtype} {scale.shape} and {good.dtype} {good.shape}")
+    if not (np.isfinite(scale) and scale > 0) or not 0 <= good < LOSS_SCALE_GROWTH_INTERVAL:
+        raise WeightsError(f"loss scale state: scale {float(scale)!r} must be finite and > 0, good steps {int(good)} "
+                           f"in [0, {LOSS_SCALE_GROWTH_INTERVAL})")
+    return rest, (float(scale), int(good))
+
+
 def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **extra: np.ndarray) -> Path:
     """Write ``weights`` (and ``extra`` arrays, e.g. optimizer state) to an .npz atomically.
 

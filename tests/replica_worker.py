@@ -7,7 +7,7 @@ the last of which does not split evenly, and writes what it ended with to ``<out
 Rank 0 also trains the same steps with one replica on the whole batches (``ref/`` keys), so the
 test compares the two from one file. Arrays only: the test reads it with allow_pickle=False.
 
-    python tests/replica_worker.py BACKEND REPLICAS OUT [--dropout P]
+    python tests/replica_worker.py BACKEND REPLICAS OUT [--dropout P] [--precision fp16]
 """
 from __future__ import annotations
 
@@ -33,11 +33,12 @@ def batches():
     return [(rng.integers(0, 256, (size, 28, 28), dtype=np.uint8), rng.integers(0, 10, size)) for size in BATCHES]
 
 
-def train(backend, replicas: int, dropout: float, data):
+def train(backend, replicas: int, dropout: float, data, precision: str = "fp32"):
     group = backend.configure_replicas(replicas, "cpu")
     spec = book_alexnet().with_input(1, 65, 65).with_dropout(dropout)
     model = backend.build(spec, seed=SEED, device="cpu")
-    trainer = backend.make_trainer(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, replicas=replicas)
+    trainer = backend.make_trainer(model, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, replicas=replicas,
+                                   precision=precision)
     steps = [trainer.train_step(trainer.prepare(images), labels, seed=step_seed(SEED, 0, index))
              for index, (images, labels) in enumerate(data)]
     images, labels = data[0]
@@ -85,10 +86,11 @@ def main() -> int:
     parser.add_argument("replicas", type=int)
     parser.add_argument("out")
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
     backend = load_backend(args.backend)
     data = batches()
-    group, model, trainer, steps, evaluated = train(backend, args.replicas, args.dropout, data)
+    group, model, trainer, steps, evaluated = train(backend, args.replicas, args.dropout, data, args.precision)
     arrays = dict(backend.export_weights(model))
     if not getattr(trainer, "_distributed", False):  # dist_sync keeps the momentum on its servers
         arrays.update(trainer.optimizer_state())
@@ -104,7 +106,7 @@ def main() -> int:
             arrays.update({f"ref/{k}": v for k, v in emulated_dropout_reference(backend, args.replicas, args.dropout,
                                                                                 data).items()})
         else:
-            _, ref_model, ref_trainer, ref_steps, ref_eval = train(backend, 1, 0.0, data)
+            _, ref_model, ref_trainer, ref_steps, ref_eval = train(backend, 1, 0.0, data, args.precision)
             arrays.update({f"ref/{k}": v for k, v in backend.export_weights(ref_model).items()})
             arrays.update({f"ref/{k}": v for k, v in ref_trainer.optimizer_state().items()})
             arrays["ref/losses"] = np.array([loss for loss, _ in ref_steps], np.float64)

@@ -25,7 +25,8 @@ from common import ROOT  # noqa: E402
 from common import shapes  # noqa: E402
 from common import spec as S  # noqa: E402
 from common.backend import DeviceError  # noqa: E402
-from common.weights import WeightsError, init_weights, nhwc_flatten_permutation, save_weights  # noqa: E402
+from common.weights import (LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, WeightsError, init_weights,  # noqa: E402
+                            nhwc_flatten_permutation, save_weights)
 from tests.conftest import REQUIRE_ALL  # noqa: E402
 
 try:
@@ -323,6 +324,21 @@ def test_one_sgd_step_moves_each_weight_by_lr_times_grad(model):
     for name, grad in grads.items():
         assert _update_error(before[name], after[name], lr * grad.astype(np.float64)) < 1e-5, name
     assert trainer.optimizer_state() == {}
+
+
+@needs_tf
+def test_fp16_uses_keras_float16_policy_and_loss_scale_optimizers_numbers():
+    """The loss scale's rule is written into the step (alexnet_tf._trainer); its numbers are Keras' own
+    LossScaleOptimizer defaults, and the step computes under the mixed_float16 policy."""
+    import inspect
+
+    from alexnet_tf._framework import keras
+    from alexnet_tf._trainer import POLICIES
+
+    keras_defaults = inspect.signature(keras.optimizers.LossScaleOptimizer.__init__).parameters
+    assert keras_defaults["initial_scale"].default == LOSS_SCALE_INITIAL
+    assert keras_defaults["dynamic_growth_steps"].default == LOSS_SCALE_GROWTH_INTERVAL
+    assert keras.DTypePolicy(POLICIES["fp16"]).compute_dtype == "float16"
 
 
 @needs_tf

@@ -6,9 +6,11 @@ import sys
 import numpy as np
 import pytest
 
+from common.backend import capabilities, training_backends
 from common.cli import main
 from common.spec import book_alexnet
-from common.weights import init_weights, read_npz, save_weights
+from common.weights import (GOOD_STEPS_KEY, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, LOSS_SCALED_PRECISIONS, init_weights,
+                            read_npz, save_weights)
 from tests.conftest import REAL_DATA
 
 
@@ -151,19 +153,29 @@ def test_train_speed_up_flags_are_checked_before_any_work(args, message, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
-@pytest.mark.parametrize("name", ["pt", "tf"])
-def test_train_in_bf16_on_the_cpu_where_the_framework_has_it(name, tmp_path, capsys):
-    from common.weights import read_npz
+# Every mixed precision a training backend's record lists, as (backend, precision).
+MIXED_PRECISIONS = [(name, precision) for name in training_backends() for precision in capabilities(name).precisions
+                    if precision != "fp32"]
 
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
+@pytest.mark.parametrize("name, precision", MIXED_PRECISIONS, ids=[f"{n}-{p}" for n, p in MIXED_PRECISIONS])
+def test_train_in_mixed_precision_on_the_cpu_where_the_framework_has_it(name, precision, tmp_path):
     run_dir = tmp_path / "run"
-    assert main(["train", "--backend", name, "--precision", "bf16", "--input-size", "65", "--epochs", "1",
+    assert main(["train", "--backend", name, "--precision", precision, "--input-size", "65", "--epochs", "1",
                  "--limit-train", "32", "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA),
                  "--no-progress", "--run-dir", str(run_dir)]) == 0
-    config = json.loads(str(read_npz(run_dir / "checkpoint.npz")["meta/config"]))
-    assert config["trainer_options"]["precision"] == "bf16" and config["math"] == "fp32"
+    checkpoint = read_npz(run_dir / "checkpoint.npz")
+    config = json.loads(str(checkpoint["meta/config"]))
+    assert config["trainer_options"]["precision"] == precision and config["math"] == "fp32"
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert np.isfinite(metrics["epochs"][0]["test_loss"]) and metrics["config"]["trainer_options"]["precision"] == "bf16"
+    assert np.isfinite(metrics["epochs"][0]["test_loss"]) and metrics["config"]["trainer_options"]["precision"] == precision
+    # fp16's loss scale is kept for --resume: two finite steps from 2**15 (none skipped at this scale)
+    scaled = precision in LOSS_SCALED_PRECISIONS
+    assert (f"optim/{LOSS_SCALE_KEY}" in checkpoint) == scaled
+    if scaled:
+        assert float(checkpoint[f"optim/{LOSS_SCALE_KEY}"]) == LOSS_SCALE_INITIAL
+        assert int(checkpoint[f"optim/{GOOD_STEPS_KEY}"]) == 2
 
 
 def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):
@@ -171,5 +183,6 @@ def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):
                  "--data-dir", str(tmp_path / "nothing-here"))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1
-    assert lines[0] == "alexnet train: error: the MXNet backend (mx) trains in precision fp32, not 'bf16'"
+    assert lines[0] == ("alexnet train: error: the MXNet backend (mx) trains in precision fp32, not 'bf16': "
+                        + dict(capabilities("mx").precision_gaps)["bf16"])
     assert not (tmp_path / "run").exists()

@@ -33,7 +33,7 @@ def test_optimizer_state_semantics_are_the_same_everywhere(backend):
     import pytest
 
     from common.spec import book_alexnet
-    from common.weights import WeightsError
+    from common.weights import WeightsError, loss_scale_entries
 
     spec = book_alexnet().with_input(1, 65, 65)
     model = backend.build(spec, seed=0, device="cpu")
@@ -48,3 +48,22 @@ def test_optimizer_state_semantics_are_the_same_everywhere(backend):
     assert all(not value.any() for value in trainer.optimizer_state().values())
     with pytest.raises(WeightsError, match="no momentum"):
         backend.make_trainer(model, lr=0.01).load_optimizer_state(state)
+    with pytest.raises(WeightsError, match="does not scale its loss"):  # an fp16 state into an fp32 trainer
+        trainer.load_optimizer_state({**state, **loss_scale_entries(2.0 ** 15, 0)})
+
+
+def test_a_precision_gap_is_refused_with_its_reason_in_one_line():
+    """Capabilities.precision_gaps: a precision the framework has but the backend could not train in is
+    refused naming why; a gap must be a known precision outside the record's precisions."""
+    import pytest
+
+    record = dict(name="xx", framework="X", extra="x", layout="NCHW", math_modes=("fp32",), devices=("cpu",),
+                  speed_ups=(), native_suffixes=(".x",))
+    gappy = Capabilities(**record, precisions=("fp32",), precision_gaps=(("fp16", "needs a GPU"),))
+    with pytest.raises(ValueError, match=r"^the X backend \(xx\) trains in precision fp32, not 'fp16': needs a GPU$"):
+        gappy.check_precision("fp16")
+    with pytest.raises(ValueError, match=r"trains in precision fp32, not 'bf16'$"):
+        gappy.check_precision("bf16")
+    for gaps in ((("fp32", "why"),), (("int8", "why"),)):
+        with pytest.raises(ValueError, match="precision_gaps"):
+            Capabilities(**record, precisions=("fp32",), precision_gaps=gaps)

@@ -19,7 +19,8 @@ from common.io import TEMP_PREFIX
 from common.spec import book_alexnet
 from common.train import (CHECKPOINT, CURVES_PNG, METRICS_CSV, METRICS_JSON, STEPS_CSV, DivergedError, TrainingError,
                           fit)
-from common.weights import read_npz
+from common.weights import (GOOD_STEPS_KEY, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY,
+                            LOSS_SCALED_PRECISIONS, loss_scale_entries, read_npz)
 from tests.conftest import get_backend
 
 from common import ROOT  # noqa: E402
@@ -65,6 +66,10 @@ class Faulty:
 
 def weights_of(run_dir):
     return {k: v for k, v in read_npz(run_dir / CHECKPOINT).items() if "/" not in k}
+
+
+def optimizer_state_of(run_dir):
+    return {k: v for k, v in read_npz(run_dir / CHECKPOINT).items() if k.startswith("optim/")}
 
 
 _UNINTERRUPTED: dict[str, dict] = {}
@@ -120,18 +125,59 @@ def test_fit_writes_metrics_curves_and_checkpoint(backend, tiny_data, tmp_path):
     assert [float(line.split(",")[0]) for line in steps[1:]][4:6] == [1.0, 1.2]
 
 
-def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", *LOSS_SCALED_PRECISIONS])
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, tmp_path, precision):
+    """The weights and the whole optimizer state end equal: in fp16 the loss scale and its count of
+    finite steps too, which goes on across the resume only if the checkpoint carried it (float16 is
+    slow on CPUs: 8 images in batches of 4 there)."""
+    if precision not in backend.CAPABILITIES.precisions:
+        pytest.skip(f"{backend.FRAMEWORK} does not train in {precision} here")
+    data, settings = tiny_data, dict(SETTINGS, precision=precision)
+    if precision != "fp32":
+        data, settings = tiny_fashion_mnist(8, 4), dict(settings, batch_size=4)
     full = backend.build(SPEC, seed=1, device="cpu")
-    expected = fit(backend, full, tiny_data, epochs=2, run_dir=tmp_path / "full", **SETTINGS)
-    _UNINTERRUPTED.setdefault(backend.NAME, backend.export_weights(full))
+    expected = fit(backend, full, data, epochs=2, run_dir=tmp_path / "full", **settings)
+    if precision == "fp32":
+        _UNINTERRUPTED.setdefault(backend.NAME, backend.export_weights(full))
     first = backend.build(SPEC, seed=1, device="cpu")
-    fit(backend, first, tiny_data, epochs=1, run_dir=tmp_path / "split", **SETTINGS)
+    fit(backend, first, data, epochs=1, run_dir=tmp_path / "split", **settings)
     second = backend.build(SPEC, seed=99, device="cpu")  # different start: resume must overwrite it
-    resumed = fit(backend, second, tiny_data, epochs=2, run_dir=tmp_path / "split", resume=True, **SETTINGS)
+    resumed = fit(backend, second, data, epochs=2, run_dir=tmp_path / "split", resume=True, **settings)
     assert_same_weights(backend.export_weights(second), backend.export_weights(full))
+    assert_same_weights(optimizer_state_of(tmp_path / "split"), optimizer_state_of(tmp_path / "full"))
     assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in expected.rows]
     assert resumed.steps == expected.steps
     assert len(resumed.sessions) == 2  # the start and the resume, each recorded
+
+
+def test_fp16_skips_a_step_with_non_finite_gradients_and_halves_the_loss_scale(backend, tiny_data):
+    """The dynamic loss scale's rule (common.weights): a finite step is applied and counted; a scale so
+    large that the float16 backward overflows (2**40) gives infinite gradients, the step is skipped
+    (weights and momentum as they were, the loss itself finite) and the scale halves; the 2000th finite
+    step in a row doubles it."""
+    if "fp16" not in backend.CAPABILITIES.precisions:
+        pytest.skip(f"{backend.FRAMEWORK} does not train in fp16 here")
+    model = backend.build(SPEC, seed=1, device="cpu")
+    trainer = backend.make_trainer(model, lr=0.05, momentum=0.9, weight_decay=5e-4, precision="fp16")
+    x, labels = trainer.prepare(tiny_data.train_images[:4]), tiny_data.train_labels[:4]
+
+    def step_with(scale, good_steps):
+        trainer.load_optimizer_state({**trainer.optimizer_state(), **loss_scale_entries(scale, good_steps)})
+        before, state = backend.export_weights(model), trainer.optimizer_state()
+        loss, _ = trainer.train_step(x, labels, seed=0)
+        after = trainer.optimizer_state()
+        changed = [name for name, value in backend.export_weights(model).items() if not np.array_equal(value, before[name])]
+        momentum_changed = [k for k in state if k.startswith("momentum/") and not np.array_equal(after[k], state[k])]
+        return loss, (float(after[LOSS_SCALE_KEY]), int(after[GOOD_STEPS_KEY])), changed, momentum_changed
+
+    fresh = trainer.optimizer_state()
+    assert (float(fresh[LOSS_SCALE_KEY]), int(fresh[GOOD_STEPS_KEY])) == (LOSS_SCALE_INITIAL, 0) == (2.0 ** 15, 0)
+    loss, scale, changed, momentum_changed = step_with(2.0 ** 15, 0)
+    assert np.isfinite(loss) and scale == (2.0 ** 15, 1) and len(changed) == len(momentum_changed) == 16
+    loss, scale, changed, momentum_changed = step_with(2.0 ** 40, 7)
+    assert np.isfinite(loss) and scale == (2.0 ** 39, 0) and changed == [] and momentum_changed == []
+    loss, scale, changed, _ = step_with(2.0 ** 15, LOSS_SCALE_GROWTH_INTERVAL - 1)
+    assert np.isfinite(loss) and scale == (2.0 ** 16, 0) and len(changed) == 16
 
 
 FIT_IN_A_NEW_PROCESS = """

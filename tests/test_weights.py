@@ -6,8 +6,9 @@ import pytest
 
 from common.spec import book_alexnet, paper_alexnet
 from common.weights import (
-    MOMENTUM_PREFIX, WeightsError, check_weights, expected_shapes, init_weights, load_weights_file, momentum_buffers,
-    nhwc_flatten_permutation, read_npz, save_weights,
+    GOOD_STEPS_KEY, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, MOMENTUM_PREFIX, WeightsError,
+    check_weights, expected_shapes, init_weights, load_weights_file, loss_scale_entries, momentum_buffers,
+    nhwc_flatten_permutation, read_npz, save_weights, split_loss_scale,
 )
 
 
@@ -127,3 +128,24 @@ def test_momentum_buffers_checked_in_full_and_zeros_when_absent():
         assert problem in message
     with pytest.raises(WeightsError, match="no momentum, so it keeps no optimizer state: unexpected momentum/conv1.bias"):
         momentum_buffers(spec, 0.0, state)
+
+
+def test_the_loss_scale_state_is_split_off_and_checked_before_use():
+    momentum = {"momentum/fc8.bias": np.zeros(10, np.float32)}
+    entries = loss_scale_entries(2.0 ** 14, 5)
+    assert {k: (v.dtype, v.shape) for k, v in entries.items()} == {LOSS_SCALE_KEY: (np.float32, ()),
+                                                                   GOOD_STEPS_KEY: (np.int64, ())}
+    rest, scale = split_loss_scale({**momentum, **entries}, scaled=True)
+    assert rest == momentum and scale == (2.0 ** 14, 5)
+    assert split_loss_scale(momentum, scaled=True) == (momentum, (LOSS_SCALE_INITIAL, 0))  # a fresh start
+    assert split_loss_scale(momentum, scaled=False) == (momentum, None)
+    with pytest.raises(WeightsError, match="does not scale its loss .*: unexpected loss_scale/good_steps, loss_scale/scale"):
+        split_loss_scale({**momentum, **entries}, scaled=False)
+    with pytest.raises(WeightsError, match="loss_scale/scale without loss_scale/good_steps"):
+        split_loss_scale({LOSS_SCALE_KEY: entries[LOSS_SCALE_KEY]}, scaled=True)
+    for scale, good, problem in ((np.float32(0), 0, "must be finite and > 0"), (np.float32(np.inf), 0, "finite"),
+                                 (np.float32(1), LOSS_SCALE_GROWTH_INTERVAL, "in \\[0, 2000\\)"),
+                                 (np.float32(1), -1, "in \\[0, 2000\\)"),
+                                 (np.ones(2, np.float32), 0, "a float scalar and an integer scalar")):
+        with pytest.raises(WeightsError, match=problem):
+            split_loss_scale({LOSS_SCALE_KEY: scale, GOOD_STEPS_KEY: np.int64(good)}, scaled=True)
