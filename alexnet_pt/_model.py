@@ -20,7 +20,7 @@ from torch import nn
 from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
 from common.io import atomic_path, atomic_paths
-from common.machine import cpu_flags
+from common.machine import has_avx512
 from common.shapes import conv_in_channels, dense_in_features
 from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, resolve_weights
 
@@ -60,7 +60,7 @@ def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool
     same kernels.
     """
     if device.type == "cpu":
-        return "avx512f" in cpu_flags() or not cpu_flags()  # unknown CPU (no /proc/cpuinfo): as before
+        return has_avx512()
     return precision != "fp32"
 
 

@@ -24,7 +24,7 @@ CAPABILITIES = Capabilities(
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
-                "a GPU, off on CPU (slower there)", default_on=("gpu",)),
+                "a GPU and on a CPU without AVX-512, off on a CPU with it (slower there)", default_on=("cpu", "gpu")),
     ),
     native_suffixes=(".weights.h5",), exports=("_savedmodel",),
     replicas=(

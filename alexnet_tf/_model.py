@@ -18,6 +18,7 @@ import numpy as np
 from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
 from common.io import atomic_folder, atomic_path
+from common.machine import has_avx512
 from common.weights import (WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
                             nhwc_flatten_permutation, resolve_weights)
 
@@ -237,11 +238,13 @@ def params(model) -> tuple[Param, ...]:
 
 def xla_by_default(device: str) -> bool:
     """Whether training-mode functions (the train step, ``loss_and_grads``) are XLA-compiled by
-    default on ``device`` (a tf.device string). Not on CPU: oneDNN's plain graph trained 1.4x
-    faster there (docs/benchmarks.md) and is just as reproducible. On a GPU, where XLA
+    default on ``device`` (a tf.device string). On a CPU, by its features (docs/benchmarks.md,
+    batch 128, 1x224x224): with AVX-512, oneDNN's plain graph trains faster (Intel Xeon with AMX:
+    53.2 img/s, XLA 38.1); on an AVX2-only CPU XLA does (AMD EPYC: 21.6 img/s, the plain graph
+    16.8, the book's Keras code 19.5). Both are reproducible run to run. On a GPU, where XLA
     usually pays by fusing the elementwise work (not measured by this project: no GPU here;
     ``alexnet bench --device gpu --ablate`` shows it)."""
-    return "GPU" in device.upper()
+    return "GPU" in device.upper() or not has_avx512()
 
 
 def compile_fn(fn, **kwargs):

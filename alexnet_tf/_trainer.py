@@ -54,8 +54,9 @@ from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_
 # TensorFlow's own fused kernel, ResourceApplyMomentum (accum = accum * m + g; var -= lr *
 # accum: PyTorch's rule), and 9 trainers in 3 processes (1x224x224, batch 32, dropout,
 # momentum 0.9, weight decay 5e-4, 4 steps) then ended bit-identical without XLA. An
-# XLA-compiled step is reproducible too, but 30% slower on CPU (docs/benchmarks.md), so XLA
-# is the default on a GPU only (``_model.xla_by_default``).
+# XLA-compiled step is reproducible too; it is the default on a GPU and on a CPU without AVX-512,
+# where it trains faster, and off on one with AVX-512, where it is 30% slower
+# (``_model.xla_by_default``, docs/benchmarks.md).
 JIT_EVAL = False
 
 # Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).

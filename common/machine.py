@@ -32,6 +32,15 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(_cpuinfo().get("flags", "").split())
 
 
+def has_avx512() -> bool:
+    """Whether the CPU has AVX-512, where oneDNN's fastest CPU kernels run. Two CPU defaults
+    follow it, each measured on both kinds of CPU (docs/benchmarks.md): PyTorch's channels-last
+    layout and TensorFlow's plain oneDNN graph (XLA instead on an AVX2-only CPU). An unknown CPU
+    (no /proc/cpuinfo) counts as one: the defaults first measured, on an Intel Xeon."""
+    flags = cpu_flags()
+    return "avx512f" in flags or not flags
+
+
 def cpu_features() -> str:
     """The vector and matrix units that decide CPU kernels: "AMX, AVX-512", "AVX-512", "AVX2" ..."""
     flags = cpu_flags()

@@ -256,6 +256,23 @@ def test_paper_variant_builds_with_groups_and_lrn_and_shapes_match_common():
 
 
 @needs_tf
+def test_xla_is_the_default_on_a_gpu_and_on_a_cpu_without_avx512(monkeypatch, model):
+    """Chosen by the CPU's features, as measured on both kinds (docs/benchmarks.md)."""
+    import common.machine as machine
+    from alexnet_tf._model import xla_by_default
+
+    flags = {"avx512": "fpu avx2 avx512f amx_tile", "avx2": "fpu avx2 fma"}
+    for kind, expected in (("avx512", False), ("avx2", True)):
+        monkeypatch.setattr(machine, "_cpuinfo", lambda: {"flags": flags[kind]})
+        assert xla_by_default("/CPU:0") is expected, kind
+        assert xla_by_default("/GPU:0") is True
+    monkeypatch.undo()
+    here = "avx512f" not in machine.cpu_flags()
+    assert A.make_trainer(model, lr=0.01).options["xla"] is here
+    assert A.make_trainer(model, lr=0.01, jit_compile=not here).options["xla"] is (not here)
+
+
+@needs_tf
 def test_padding_is_keras_same_only_where_that_is_exact():
     """'same' for stride 1 and (k - 1) / 2 on an odd kernel (one op, no Pad); otherwise ZeroPadding2D
     and 'valid': 'same' with stride 4 would pad 224 by 3 + 4, not by the book's 1 + 1."""
