@@ -291,8 +291,7 @@ def test_training_names_say_the_backend_is_inference_only(call):
 @pytest.mark.parametrize("args, message", [
     (["train", "--backend", "onnx"], "invalid choice: 'onnx'"),
     (["compare", "--backends", "pt,onnx"], "backend(s) onnx run inference only and cannot train"),
-    (["bench", "--backends", "onnx"], "backend(s) onnx run inference only and cannot train"),
-])
+])  # `alexnet bench --backends onnx` times its inference (tests/test_bench.py)
 def test_training_commands_refuse_onnx_in_one_line(args, message, capsys):
     with pytest.raises(SystemExit) as raised:
         main(args)
