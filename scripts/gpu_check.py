@@ -9,7 +9,10 @@ numpy, PyTorch and the standard library (no TensorFlow, MXNet, network or instal
    (precision, math mode) pair, with MFU;
 3. train: the book's recipe on Fashion-MNIST at 224x224 (10 epochs, SGD lr 0.01, batch 128),
    first one epoch, then, resumed from its checkpoint, as many more as the time left allows
-   (the summary says so when that is fewer than 10), and its test accuracy against the book's.
+   (the summary says so when that is fewer than 10), and its test accuracy against the book's;
+4. ablate: in the time the recipe left, ``alexnet bench --ablate`` at batch 256 for fp32 (with the
+   book's plain PyTorch code, ``--baseline``) and bf16: what channels-last and torch.compile are
+   worth on this GPU, and the library against the plain code.
 
 Everything the children print goes to the terminal and to ``gpu-check.log``; the summary is
 ``gpu-check.json`` and ``gpu-check.md`` in ``$OUT`` (the device tool's result folder) or, where
@@ -40,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come from this tree
 
+from common.bench import PLAIN_MIN_INPUT  # noqa: E402
 from common.data import FILES, DataError, FashionMNIST, locate  # noqa: E402
 from common.io import atomic_path, write_text_atomic  # noqa: E402
 
@@ -58,6 +62,11 @@ BOOK_TEST_ACC, BOOK_RANGE = 0.88, (0.86, 0.89)  # D2L 8.1 after 10 epochs (READM
 # (precision, math mode), most wanted first: the last are skipped first when time runs short.
 # Under bf16 autocast the products run in bf16 whatever the math mode, so bf16/fp32 comes last.
 BENCH_CONFIGS = (("fp32", "fp32"), ("fp32", "tf32"), ("bf16", "tf32"), ("bf16", "fp32"))
+# The ablation, run after the book's recipe with whatever time is left, at one batch size on synthetic
+# data: each speed-up (channels-last, torch.compile) flipped against the default; at fp32 also the
+# book's plain PyTorch code (`--baseline` runs float32 only).
+ABLATE_CONFIGS = (("fp32", "tf32"), ("bf16", "tf32"))
+STEPS = ("tests", "bench", "train", "ablate")  # in this order: the ablation gets what time the recipe leaves
 TESTS = ("tests", "--ignore=tests/test_backend_tf.py", "--ignore=tests/test_backend_mx.py")
 TRAIN_MATH = "tf32"  # the math mode of the training run, where `alexnet train` has --math
 EVAL_SHARE = 0.1  # an epoch's evaluation (10,000 forward passes) against its 60,000 training steps
@@ -78,6 +87,7 @@ class Profile:
     bench_input: int
     bench_steps: int
     bench_warmup: int
+    ablate_batch: int
     train_epochs: int
     train_batch: int
     train_input: int
@@ -86,10 +96,11 @@ class Profile:
 
 
 GPU = Profile("gpu", "gpu", budget_s=480, train_reserve_s=250, bench_batches=(128, 256), bench_input=224,
-              bench_steps=20, bench_warmup=3, train_epochs=10, train_batch=128, train_input=224)
-# The same steps at the smallest sizes, so the script's logic and its summary are tested on CPU.
-SMOKE = Profile("cpu-smoke", "cpu", budget_s=600, train_reserve_s=60, bench_batches=(8,), bench_input=65,
-                bench_steps=1, bench_warmup=0, train_epochs=2, train_batch=128, train_input=65,
+              bench_steps=20, bench_warmup=3, ablate_batch=256, train_epochs=10, train_batch=128, train_input=224)
+# The same steps at the smallest sizes, so the script's logic and its summary are tested on CPU (the
+# bench's input the smallest the book's plain code takes, for the ablation's --baseline).
+SMOKE = Profile("cpu-smoke", "cpu", budget_s=600, train_reserve_s=60, bench_batches=(8,), bench_input=PLAIN_MIN_INPUT,
+                bench_steps=1, bench_warmup=0, ablate_batch=8, train_epochs=2, train_batch=128, train_input=65,
                 limit_train=256, limit_test=256)
 
 
@@ -225,9 +236,10 @@ def has_flag(subcommand: str, flag: str) -> bool:
 # ---------------------------------------------------------------- the steps
 class Check:
     def __init__(self, profile: Profile, work: Path, dest: Path, data_dir: Path | None, budget_s: float,
-                 tests: tuple[str, ...] = TESTS, configs: tuple[tuple[str, str], ...] = BENCH_CONFIGS):
+                 tests: tuple[str, ...] = TESTS, configs: tuple[tuple[str, str], ...] = BENCH_CONFIGS,
+                 ablate_configs: tuple[tuple[str, str], ...] = ABLATE_CONFIGS):
         self.profile, self.work, self.dest, self.data_dir = profile, work, dest, data_dir
-        self.test_args, self.configs = tests, configs
+        self.test_args, self.configs, self.ablate_configs = tests, configs, ablate_configs
         self.started = time.time()
         self.start = time.monotonic()
         self.budget_s = budget_s
@@ -309,29 +321,35 @@ class Check:
                 self.note(f"bench {label}: skipped, {max(left, 0):.0f} s were left before the {p.train_reserve_s} s "
                           f"kept for training" + (f" and the previous configuration took {last:.0f} s" if last else ""))
                 continue
-            out = self.work / f"bench-{precision}-{math_mode or 'default'}"
-            command = [sys.executable, "-m", "common", "bench", "--backends", "pt", "--device", p.device,
-                       "--precision", precision, *(["--math", math_mode] if math_mode else []),
-                       "--batch-sizes", ",".join(map(str, p.bench_batches)), "--input-size", str(p.bench_input),
-                       "--steps", str(p.bench_steps), "--warmup", str(p.bench_warmup),
-                       "--data", "synthetic,real" if self.data_dir else "synthetic",
-                       *self.data_args(),
-                       "--timeout", str(max(int(left), 1)), "--out", str(out)]
-            outcome = run_logged(f"bench {label}", command, self.log, deadline=until)
-            last = outcome.seconds
-            run = {"precision": precision, "math": math_mode, "command": " ".join(command[1:]),
-                   "seconds": round(outcome.seconds, 1), "exit_code": outcome.returncode}
-            if outcome.timed_out:
-                run["status"] = "timed out"
-                self.note(f"bench {label}: stopped after {outcome.seconds:.0f} s, at the time kept for training")
-            elif outcome.returncode != 0 or not (out / "bench.json").is_file():
-                run["status"] = "failed"
-            else:
-                run.update(status="ok", rows=bench_rows(json.loads((out / "bench.json").read_text())))
+            run = self._bench_run(f"bench {label}", f"bench-{precision}-{math_mode or 'default'}", precision,
+                                  math_mode, p.bench_batches, [], until)
+            last = run["seconds"]
             runs.append(run)
-        states = {r["status"] for r in runs}
-        status = "ok" if states == {"ok"} else "failed" if states & {"failed"} else "partial"
-        return {"status": status, "math_flag": math_flag, "runs": runs}
+        return {"status": runs_status(runs), "math_flag": math_flag, "runs": runs}
+
+    def _bench_run(self, label: str, folder: str, precision: str, math_mode: str | None, batches: tuple[int, ...],
+                   extra: list[str], until: float, data: str | None = None) -> dict:
+        """One `alexnet bench --backends pt` invocation, stopped at ``until``; its rows, or why none."""
+        p = self.profile
+        out = self.work / folder
+        command = [sys.executable, "-m", "common", "bench", "--backends", "pt", "--device", p.device,
+                   "--precision", precision, *(["--math", math_mode] if math_mode else []),
+                   "--batch-sizes", ",".join(map(str, batches)), "--input-size", str(p.bench_input),
+                   "--steps", str(p.bench_steps), "--warmup", str(p.bench_warmup),
+                   "--data", data or ("synthetic,real" if self.data_dir else "synthetic"),
+                   *self.data_args(), *extra,
+                   "--timeout", str(max(int(self.left(until)), 1)), "--out", str(out)]
+        outcome = run_logged(label, command, self.log, deadline=until)
+        run = {"precision": precision, "math": math_mode, "command": " ".join(command[1:]),
+               "seconds": round(outcome.seconds, 1), "exit_code": outcome.returncode}
+        if outcome.timed_out:
+            run["status"] = "timed out"
+            self.note(f"{label}: stopped after {outcome.seconds:.0f} s, at its deadline")
+        elif outcome.returncode != 0 or not (out / "bench.json").is_file():
+            run["status"] = "failed"
+        else:
+            run.update(status="ok", rows=bench_rows(json.loads((out / "bench.json").read_text())))
+        return run
 
     # ------------------------------------------------------------ 3. train
     def train(self) -> dict:
@@ -404,6 +422,22 @@ class Check:
             shutil.copyfile(run_dir / "curves.png", self.dest / CURVES)
         return result
 
+    # ------------------------------------------------------------ 4. ablate
+    def ablate(self) -> dict:
+        """`alexnet bench --ablate` (and `--baseline` at fp32) at one batch size, in the time the
+        recipe left: what each speed-up and the library itself are worth on this device."""
+        runs = []
+        for precision, math_mode in self.ablate_configs:
+            label = f"ablate {precision}/{math_mode}"
+            if self.left() < 30:
+                runs.append({"precision": precision, "math": math_mode, "status": "skipped"})
+                self.note(f"{label}: skipped, {max(self.left(), 0):.0f} s were left")
+                continue
+            extra = ["--ablate", *(["--baseline"] if precision == "fp32" else [])]
+            runs.append(self._bench_run(label, f"ablate-{precision}-{math_mode}", precision, math_mode,
+                                        (self.profile.ablate_batch,), extra, self.deadline, data="synthetic"))
+        return {"status": runs_status(runs), "runs": runs}
+
     # ------------------------------------------------------------ all of it
     def run(self) -> int:
         s = self.summary
@@ -424,10 +458,10 @@ class Check:
                 self.note(f"{error}: the bench runs on synthetic data only and the training is skipped")
                 self.data_dir = None
         s["data_dir"] = str(self.data_dir) if self.data_dir else None
-        for step in ("tests", "bench", "train"):
+        for step in STEPS:
             self.log.say(f"--- {step} ({self.left():.0f} s left)")
             s[step] = getattr(self, step)()
-        states = {s[step]["status"] for step in ("tests", "bench", "train")}
+        states = {s[step]["status"] for step in STEPS}
         s["status"] = "failed" if "failed" in states else "complete" if states <= {"ok", "passed"} else "partial"
         return 1 if s["status"] == "failed" else 0
 
@@ -453,6 +487,12 @@ def plan_epochs(target: int, *, first_wall_s: float, first_epoch_s: float, left_
     startup_s = max(first_wall_s - epoch_s, 0.0)
     more = math.floor((left_s - startup_s) / epoch_s)
     return max(1, min(target, 1 + more))
+
+
+def runs_status(runs: list[dict]) -> str:
+    """A bench step's status from its runs': ok only if every one is (none asked for: ok)."""
+    states = {r["status"] for r in runs}
+    return "ok" if states <= {"ok"} else "failed" if "failed" in states else "partial"
 
 
 def read_rows(run_dir: Path) -> list[dict]:
@@ -491,6 +531,7 @@ def bench_rows(payload: dict) -> list[dict]:
             "real_over_synthetic": r.get("real_over_synthetic"),
             "inference_images_per_s": r["inference_images_per_s"]["median"],
             "mfu": r["mfu"], "peak_gflops": r["peak_gflops"], "peak_op": r["peak_op"],
+            "over_plain": r.get("over_plain"),
             "first_step_s": r["first_step_s"], "peak_device_bytes": r.get("peak_device_bytes"),
             "options": r.get("options"),
         })
@@ -571,6 +612,21 @@ def markdown(s: dict) -> str:
                                  _fmt(r["seconds"])] for r in train["rows"]]), ""]
         else:
             out += [f"{train['status']}: no epoch finished.", ""]
+    ablation = s.get("ablate")
+    if ablation and ablation["runs"]:
+        rows = []
+        for run in ablation["runs"]:
+            for r in run.get("rows", []):
+                rows.append([run["precision"], run["math"], r["variant"], r["batch_size"],
+                             _fmt(r["train_images_per_s"]), _fmt(r["over_plain"], ".2f"),
+                             _fmt(r["inference_images_per_s"]), _fmt(r["mfu"], ".2f")])
+            if not run.get("rows"):
+                rows.append([run["precision"], run["math"], run["status"], "", "", "", "", ""])
+        out += ["## Ablation (`alexnet bench --backends pt --ablate`, synthetic data)", "",
+                _table(["precision", "math", "variant", "batch", "train img/s", "vs plain", "infer img/s", "MFU"],
+                       rows), "",
+                "Each speed-up flipped against the default; *plain (book)* is the book's PyTorch code "
+                "(benchmarks/plain_pt.py) in the same math mode, float32 only.", ""]
     if s.get("notes"):
         out += ["## Notes", ""] + [f"- {n}" for n in s["notes"]] + [""]
     return "\n".join(out)
@@ -680,6 +736,8 @@ def download_wheels(dest: Path) -> None:
 def bench_configs(text: str) -> tuple[tuple[str, str], ...]:
     from common.backend import MATH_MODES, PRECISIONS
 
+    if text.strip() == "none":
+        return ()
     configs = []
     for part in text.split(","):
         precision, _, math_mode = part.strip().partition(":")
@@ -712,7 +770,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"what pytest -m gpu runs, one quoted string (default: '{' '.join(TESTS)}')")
     parser.add_argument("--configs", type=bench_configs, default=BENCH_CONFIGS, metavar="PRECISION:MATH,...",
                         help="bench configurations, most wanted first (default: "
-                             + ",".join(f"{p}:{m}" for p, m in BENCH_CONFIGS) + ")")
+                             + ",".join(f"{p}:{m}" for p, m in BENCH_CONFIGS) + "; none: no bench)")
+    parser.add_argument("--ablate-configs", type=bench_configs, default=ABLATE_CONFIGS, metavar="PRECISION:MATH,...",
+                        help="ablation configurations, run after the recipe in the time left (default: "
+                             + ",".join(f"{p}:{m}" for p, m in ABLATE_CONFIGS) + "; none: no ablation)")
     args = parser.parse_args(argv)
     print(f"gpu-check: the device call: {RUN_CALL} (after scripts/gpu-check.sh --prepare here)", flush=True)
     if args.prepare:
@@ -728,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     dest.mkdir(parents=True, exist_ok=True)
     data_dir = args.data_dir or (CARRY_DATA if CARRY_DATA.is_dir() else None)
     check = Check(profile, work.resolve(), dest.resolve(), data_dir, args.budget or profile.budget_s,
-                  tuple(args.tests), args.configs)
+                  tuple(args.tests), args.configs, args.ablate_configs)
     try:
         return check.run()
     except KeyboardInterrupt:

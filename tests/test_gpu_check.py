@@ -87,16 +87,17 @@ def test_without_a_gpu_the_check_skips_its_gpu_steps_and_says_so(tmp_path):
     assert "no GPU here" in result.stdout and "--cpu-smoke" in result.stdout
     summary = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert summary["mode"] == "gpu" and summary["status"] == "skipped"
-    assert not {"tests", "bench", "train"} & set(summary)
+    assert not {"tests", "bench", "train", "ablate"} & set(summary)
     assert "no GPU here" in (tmp_path / "out" / "gpu-check.md").read_text()
 
 
 @needs_data
 def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
-    """The quick form of --cpu-smoke (one test module, one bench configuration): all three
-    steps run for real on CPU, and the summary holds what their own files say."""
+    """The quick form of --cpu-smoke (one test module, one bench and one ablation configuration):
+    all four steps run for real on CPU, and the summary holds what their own files say."""
     out, work = tmp_path / "out", tmp_path / "work"
     result = run_script("--cpu-smoke", "--tests", "tests/test_backend_pt.py", "--configs", "fp32:fp32",
+                        "--ablate-configs", "fp32:fp32",
                         "--data-dir", str(REAL_DATA), "--out", str(out), "--work", str(work))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "carry=[\".gpu-carry\"]" in result.stdout.splitlines()[0]
@@ -127,8 +128,19 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert train["test_acc"] == metrics[-1]["test_acc"] and 0 <= train["test_acc"] <= 1
     assert train["comparable_to_book"] is False  # 256 images at 65x65 are not the book's recipe
 
+    (ablation,) = summary["ablate"]["runs"]
+    assert summary["ablate"]["status"] == ablation["status"] == "ok"
+    raw = json.loads((work / "ablate-fp32-fp32" / "bench.json").read_text())["results"]
+    assert [r["variant"] for r in ablation["rows"]] == [r["variant"] for r in raw]
+    assert {r["variant"] for r in raw} == {"default", "plain (book)", "compile=on",
+                                           "channels_last=on" if not raw[0]["options"]["channels_last"]
+                                           else "channels_last=off"}
+    (default,) = [r for r in ablation["rows"] if r["variant"] == "default"]
+    assert default["over_plain"] > 0 and default["batch_size"] == 8
+
     text = (out / "gpu-check.md").read_text()
     assert f"test accuracy {train['test_acc']:.4f}" in text and "| fp32 |" in text and "not comparable" in text
+    assert "## Ablation" in text and "| plain (book) |" in text
     with tarfile.open(out / "gpu-check-runs.tar.gz") as tar:
         names = tar.getnames()
     assert any(n.endswith("train/metrics.json") for n in names) and any(n.endswith("bench.json") for n in names)
