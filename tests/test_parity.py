@@ -82,6 +82,50 @@ def test_mixed_precision_training_matches_the_oracle_within_its_own_tolerances(o
     assert result.loss > 1e-5  # it really computed in low precision (float32: up to 1e-6)
 
 
+def _on_gpu(backend):
+    if not backend.gpu_available():
+        pytest.skip(f"{backend.FRAMEWORK} cannot compute on a GPU here: {backend.gpu_status().detail}")
+
+
+@pytest.mark.gpu
+def test_every_backend_matches_the_float64_oracle_on_the_gpu(oracle, backend):
+    """The whole parity check (every layer, loss, gradients, 3 SGD steps) with the model on the GPU,
+    in strict float32 (check_backend turns TF32 off): the same tolerances as on the CPU."""
+    _on_gpu(backend)
+    report = compare(oracle, [backend], device="gpu")
+    assert report.device == "gpu" and report.passed, "\n".join(map(str, report.failures)) + "\n" + report.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", list(LOW_PRECISION_TOLERANCES))
+def test_mixed_precision_on_the_gpu_matches_the_oracle_within_its_own_tolerances(oracle, backend, precision):
+    _on_gpu(backend)
+    if precision not in backend.CAPABILITIES.precisions or oracle.spec.name != "book":
+        pytest.skip(f"{backend.NAME} {precision} on the {oracle.spec.name} network is not measured")
+    result = low_precision_errors(backend, oracle, precision, device="gpu")
+    print(f"{backend.NAME} {precision} on the GPU: loss {result.loss:.2e}, worst parameter change {result.steps:.2e}")
+    tolerances = LOW_PRECISION_TOLERANCES[precision]
+    assert result.loss <= tolerances["loss"] and result.steps <= tolerances["steps"], result
+    assert result.loss > 1e-5
+
+
+@pytest.mark.gpu
+def test_the_math_mode_acts_on_the_gpu(oracle, backend):
+    """--math is real: TF32 moves the GPU's logits away from the oracle's by far more than strict
+    float32 does (float32 rounding ~1e-6; TF32 keeps 10 mantissa bits, ~1e-3), and stays close."""
+    _on_gpu(backend)
+    errors = {}
+    for math_mode in ("fp32", "tf32"):
+        backend.set_math_mode(math_mode)
+        model = backend.build(oracle.spec, weights=oracle.weights, device="gpu")
+        logits = backend.forward(model, to_backend_layout(oracle.x, backend.LAYOUT))
+        expected = oracle.activations[oracle.spec.layers[-1].name]
+        errors[math_mode] = reference.relative_error(logits.astype(np.float64), expected)
+    backend.set_math_mode("fp32")
+    print(f"{backend.NAME} logits on the GPU against float64: {errors}")
+    assert errors["fp32"] < TOLERANCES.forward and 1e-2 > errors["tf32"] > 10 * errors["fp32"], errors
+
+
 def test_the_oracle_case_moves_every_parameter(oracle):
     """Checks that could pass vacuously cannot: every gradient and every 3-step change is nonzero,
     and momentum and weight decay are visible in the change."""
