@@ -22,7 +22,8 @@ CAPABILITIES = Capabilities(
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("channels_last", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels); "
-                "default on a CPU with AVX-512, and on a GPU with bf16/fp16", default_on=("cpu",)),
+                "default on a CPU with AVX-512, and on a GPU with tensor-core convolutions (TF32 math, bf16, fp16)",
+                default_on=("cpu", "gpu")),
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
     ),
     native_suffixes=(".pt", ".pth"), exports=(".pt2", ".onnx"),

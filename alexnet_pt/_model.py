@@ -53,15 +53,18 @@ def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool
     reordering around each call (docs/benchmarks.md, Intel Xeon with AMX: +11% training, +25%
     inference at 1x224x224, batch 128). On an AVX2-only CPU (AMD EPYC) the same default
     measured no gain over the plain NCHW code (0.99x), so it stays NCHW there: chosen by the
-    CPU's features, not always. On a GPU with mixed precision only (cuDNN's tensor-core kernels
-    are NHWC); float32 GPU models stay NCHW. The same arithmetic summed in another order: results
+    CPU's features, not always. On a GPU whenever the convolutions run on tensor cores, whose
+    cuDNN kernels are NHWC: bf16/fp16, or float32 in TF32 math (``set_math_mode("tf32")``, which is
+    also PyTorch's own default for convolutions). Measured on an NVIDIA H200 at batch 256
+    (docs/benchmarks.md): +5.5% training in TF32, +9% in bf16. Strict float32 (``--math fp32``, no
+    tensor cores) stays NCHW: not measured there. The same arithmetic summed in another order: results
     move by about 1e-6 relative, well inside the parity suite's tolerances. ``build`` and the
     trainer's default both ask this, so ``forward``, ``loss_and_grads`` and ``train_step`` run the
     same kernels.
     """
     if device.type == "cpu":
         return has_avx512()
-    return precision != "fp32"
+    return precision != "fp32" or bool(torch.backends.cudnn.allow_tf32)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

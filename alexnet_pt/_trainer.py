@@ -8,10 +8,14 @@ Speed options (``make_trainer`` keywords; ``None`` picks the fastest correct def
 the device, and ``alexnet bench --ablate`` measures each one on and off):
 
 * ``channels_last``: the model's parameters (converted in place) and every input in the
-  channels-last (NHWC) memory format. Default: ``_model.prefers_channels_last`` (on CPU, and
-  on a GPU with bf16/fp16), the format ``build`` already gave a CPU model.
-* ``compile``: ``torch.compile`` of the forward pass. Default off: on this project's CPU it
-  did not pay for its compile time (docs/benchmarks.md); try it on a GPU.
+  channels-last (NHWC) memory format. Default: ``_model.prefers_channels_last`` (on a CPU with
+  AVX-512, and on a GPU whose convolutions run on tensor cores: TF32, bf16, fp16), the format
+  ``build`` already gave a CPU model.
+* ``compile``: ``torch.compile`` of the forward pass. Default off: on the CPUs measured it did
+  not pay; on an NVIDIA H200 it trains 14% (TF32) to 18% (bf16) faster at batch 256 after about
+  30 s of compiling per graph, and training and evaluation are two graphs (docs/benchmarks.md):
+  a win for long runs, a loss for the book's 10 epochs (about 45 s of training there), so it
+  stays an option (``--on compile``).
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
   precision (float32 master weights and optimizer state; fp16 with ``torch.amp.GradScaler``, set to the
   project's one dynamic loss-scaling rule, ``common.weights``' LOSS_SCALE_*: start at 2**15, double

@@ -307,6 +307,22 @@ def test_cpu_models_are_channels_last_where_the_cpu_has_avx512_and_compute_what_
         assert fast_grads[name].flags.c_contiguous and rel_err(fast_grads[name], grad) < 1e-5, name
 
 
+@pytest.mark.parametrize("precision, tf32, expected", [
+    ("fp32", False, False),  # strict float32: no tensor cores, NCHW (not measured channels-last)
+    ("fp32", True, True),  # TF32 convolutions (--math tf32, PyTorch's own default): +5.5% on an H200
+    ("bf16", False, True), ("fp16", False, True),  # tensor cores whatever the float32 math: +9% bf16
+])
+def test_gpu_models_are_channels_last_where_the_convolutions_run_on_tensor_cores(precision, tf32, expected):
+    from alexnet_pt._model import prefers_channels_last
+
+    before = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = tf32  # what set_math_mode sets; a plain flag, settable without a GPU
+        assert prefers_channels_last(torch.device("cuda"), precision) is expected
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+
+
 def test_momentum_and_weight_decay_follow_pytorch_sgd(model, start):
     """PyTorch's rule re-implemented in numpy (float32 like the model), over two steps."""
     lr, momentum, wd = np.float32(0.01), np.float32(0.9), np.float32(0.01)
