@@ -33,8 +33,9 @@ CAPABILITIES = Capabilities(
     ),
     # MXNet's AMP (mxnet.contrib.amp), tried in this build (the pip wheel: oneDNN, no CUDA); _trainer.py has the details
     precision_gaps=(
-        ("bf16", "MXNet 1.9.1's AMP computes bfloat16 only in oneDNN kernels that need AVX-512; on an AVX2 CPU not "
-                 "one bfloat16 convolution or dense layer runs (oneDNN: could not create a primitive descriptor)"),
+        ("bf16", "MXNet 1.9.1's AMP computes bfloat16 only in oneDNN kernels that need AVX-512 (on an AVX2 CPU not "
+                 "one bfloat16 convolution or dense layer runs: oneDNN could not create a primitive descriptor), "
+                 "and this backend has no bfloat16 training path checked against the float64 oracle on any CPU"),
         ("fp16", "MXNet 1.9.1's AMP computes float16 on CUDA GPUs only (on a CPU: FP16 gemm on cpu not "
                  "implemented), and no GPU that MXNet 1.9.1 runs on was at hand to test it"),
     ),

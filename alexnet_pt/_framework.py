@@ -8,6 +8,7 @@ import functools
 import os
 
 from common.backend import GpuStatus, choose_device, require_framework
+from common.machine import keep_freed_memory
 from common.replicas import SINGLE, ReplicaGroup, check_replicas
 
 from . import CAPABILITIES
@@ -16,6 +17,9 @@ FRAMEWORK = CAPABILITIES.framework
 torch = require_framework("torch", CAPABILITIES)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# PyTorch's CPU tensors come from malloc: keep freed blocks for reuse rather than page-faulting
+# through fresh ones every step (+26% CPU training; common.machine.keep_freed_memory says why).
+KEEPS_FREED_MEMORY = keep_freed_memory()
 
 
 def _first_line(error: BaseException) -> str:

@@ -518,11 +518,25 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer):
     differences = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in wanted.items() if saved.get(k) != v]
     if differences:
         raise TrainingError(f"{path} was written by a different run ({'; '.join(differences)}); "
-                            f"resume with the same settings")
+                            f"resume with the same settings{_matching_flags(saved, wanted, sessions)}")
     check_finite(arrays, source=str(path))
     backend.load_weights(model, {k: v for k, v in arrays.items() if "/" not in k})
     trainer.load_optimizer_state({k[len(OPTIM_PREFIX):]: v for k, v in arrays.items() if k.startswith(OPTIM_PREFIX)})
     return _Position(epoch, batch, loss_sum, correct, seen), rows, steps, sessions
+
+
+def _matching_flags(saved: dict, wanted: dict, sessions: list[dict]) -> str:
+    """The flags that give a resume the checkpoint's trainer options, where only those differ: the
+    speed-ups' defaults follow the machine (CPU features, GPU math mode), so a checkpoint moved to
+    another machine can differ in nothing the user typed."""
+    before, now = saved.get("trainer_options") or {}, wanted.get("trainer_options") or {}
+    flags = [f"--{'on' if value else 'off'} {name}" if isinstance(value, bool) else f"--{name} {value}"
+             for name, value in sorted(before.items()) if now.get(name) != value]
+    if not flags:
+        return ""
+    where = sessions[-1].get("device_name") if sessions else None
+    return (f": {' '.join(flags)} (the defaults follow the machine"
+            + (f"; the checkpoint's last session ran on {where}" if where else "") + ")")
 
 
 def write_metrics(run: Path, history: History) -> None:

@@ -5,6 +5,8 @@ Small on purpose (2 CPU cores): the book's smallest valid input, 1x67x67, and ba
 from __future__ import annotations
 
 import os
+import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -321,6 +323,42 @@ def test_gpu_models_are_channels_last_where_the_convolutions_run_on_tensor_cores
         assert prefers_channels_last(torch.device("cuda"), precision) is expected
     finally:
         torch.backends.cudnn.allow_tf32 = before
+
+
+PAGE_FAULTS_OF_REUSE = """
+import resource
+import torch
+import alexnet_pt  # noqa: F401  asks malloc to keep freed memory (common.machine.keep_freed_memory)
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+rounds = []
+for _ in range(4):  # like training steps: the first one or two grow the heap, the later ones reuse it
+    before = faults()
+    for value in (1.0, 2.0):  # 64 MiB, above glibc's largest mmap threshold (32 MiB), freed and asked again
+        x = torch.empty(16 * 2**20).fill_(value)
+        del x
+    rounds.append(faults() - before)
+print(*rounds)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc's settings are glibc's")
+def test_cpu_tensors_reuse_freed_memory_instead_of_page_faulting_through_fresh_blocks():
+    """A freed 64 MiB tensor's memory serves the next one: no page faults once the heap has grown
+    (16,384 pages of 4 KiB for every such tensor without it: what made ReLU's backward and
+    max-pool's zero fill crawl on CPU, docs/benchmarks.md)."""
+    def faults(**env):
+        result = subprocess.run([sys.executable, "-c", PAGE_FAULTS_OF_REUSE], capture_output=True, text=True,
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return [int(n) for n in result.stdout.split()]
+
+    pages = 2 * 64 * 2**20 // resource.getpagesize()  # two fresh 64 MiB blocks a round, every page touched
+    kept = faults()
+    assert max(kept[2:]) < 0.01 * pages, kept  # measured here: 0 from the second or third round on
+    assert min(faults(ALEXNET_KEEP_FREED_MEMORY="0")) > 0.9 * pages  # the switch: glibc's own behaviour
 
 
 def test_momentum_and_weight_decay_follow_pytorch_sgd(model, start):

@@ -307,3 +307,24 @@ def test_bench_takes_an_inference_only_backend_where_named_and_defaults_to_the_t
 
     assert build_parser().parse_args(["bench"]).backends == training_backends() == ["pt", "tf", "mx"]
     assert build_parser().parse_args(["bench", "--backends", "pt,onnx"]).backends == ["pt", "onnx"]
+
+
+def test_the_profiling_tool_groups_one_steps_time_by_what_the_kernels_do():
+    """benchmarks/profile_pt.py (a tool for speed work, not a benchmark): on CPU at the smallest
+    size it prints the wall time, the groups that add up to the profiled time, and the top operators."""
+    pt = get_backend("pt")
+    command = [sys.executable, str(ROOT / "benchmarks" / "profile_pt.py"), "--device", "cpu", "--batch", "2",
+               "--input-size", "67", "--steps", "1", "--warmup", "1", "--top", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("USDT")]
+    assert lines[0].startswith("AlexNet 1x67x67, batch 2, fp32, math fp32, CPU")
+    total = float(lines[1].split("operators (self CPU time) ")[1].split(" ms")[0])
+    groups = {line.split()[0] for line in lines[2:] if line.startswith("  ") and "ms" in line and "[" not in line}
+    shares = [float(line.split()[-1].rstrip("%")) for line in lines[2:] if line.startswith("  ") and "[" not in line]
+    assert total > 0 and {"convolution", "matrix"} <= groups and sum(shares) == pytest.approx(100, abs=0.5)
+    assert sum("[convolution]" in line or "[matrix product]" in line for line in lines) >= 1
+    if not pt.gpu_available():  # a GPU asked for where there is none: one line, exit 2
+        refused = subprocess.run(command[:2] + ["--device", "gpu"], capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and refused.stderr.startswith("profile_pt: error: ")
+        assert len(refused.stderr.strip().splitlines()) == 1

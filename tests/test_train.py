@@ -393,6 +393,22 @@ def test_resume_refuses_a_different_run(backend, tiny_data, tmp_path):
         fit(backend, no_dropout, tiny_data, epochs=2, run_dir=tmp_path, resume=True, **SETTINGS)
     with pytest.raises(TrainingError, match=r"has finished 1 epoch\(s\) already; ask for more \(--epochs, now 1\)"):
         fit(backend, model, tiny_data, epochs=1, run_dir=tmp_path, resume=True, **SETTINGS)
+
+
+def test_resume_with_other_speed_ups_names_the_flags_that_match_the_checkpoint(backend, tiny_data, tmp_path):
+    """The speed-ups' defaults follow the machine (CPU features, GPU math mode): a checkpoint moved to
+    another machine differs in nothing the user typed, so the refusal names the flags to pass."""
+    name = backend.CAPABILITIES.speed_ups[0].name
+    model = backend.build(SPEC, seed=1, device="cpu")
+    saved = fit(backend, model, tiny_data, epochs=1, run_dir=tmp_path, **SETTINGS).config["trainer_options"][name]
+    flipped = {name: not saved}
+    flag = f"--{'on' if saved else 'off'} {name}"
+    with pytest.raises(TrainingError, match=rf"different run \(trainer_options: .*\); resume with the same settings: "
+                                            rf"{flag} \(the defaults follow the machine; the checkpoint's last "
+                                            rf"session ran on .+\)$"):
+        fit(backend, model, tiny_data, epochs=2, run_dir=tmp_path, resume=True, speed_ups=flipped, **SETTINGS)
+    again = backend.build(SPEC, seed=1, device="cpu")  # MXNet's model keeps the hybridize state it was given
+    fit(backend, again, tiny_data, epochs=2, run_dir=tmp_path, resume=True, **SETTINGS)  # the same options resume
     with pytest.raises(TrainingError, match="exists: pass resume"):
         fit(backend, model, tiny_data, epochs=2, run_dir=tmp_path, **SETTINGS)
     with pytest.raises(TrainingError, match="no checkpoint"):

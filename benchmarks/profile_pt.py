@@ -1,0 +1,116 @@
+"""Where one PyTorch training step spends its time: the library's own step (``alexnet_pt``'s
+``prepare`` + ``train_step``, as ``alexnet bench`` times it) under ``torch.profiler``, kernels
+grouped by what they do.
+
+    python benchmarks/profile_pt.py --device gpu --precision bf16 --batch 256 [--math tf32] [--on compile]
+
+Prints the wall time per step, the device time per step by group (convolution, matrix product,
+elementwise and pooling, copies and casts, optimizer, other) and the top kernels, and with
+``--trace FILE`` writes a Chrome trace. The gap between the wall time and the device time is
+the time the device waited for the host (launches, the per-step synchronisation). A tool for
+working on speed, not a benchmark: ``alexnet bench`` is the one that reports figures.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come from this tree
+
+from common.backend import MATH_MODES, PRECISIONS, apply_math_environment  # noqa: E402
+
+# Kernel-name fragments, most specific first; the first that matches names the group.
+GROUPS = (
+    ("optimizer", ("sgd", "foreach", "multi_tensor", "_amp_")),
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "fft", "xmma_fprop", "xmma_dgrad", "xmma_wgrad",
+                     "onednn", "mkldnn_convolution")),
+    ("matrix product", ("gemm", "cublas", "cutlass", "sm90_", "nvjet", "addmm", "mm")),
+    ("copy and cast", ("copy", "memcpy", "memset", "to_copy", "cast", "fill")),
+    ("elementwise and pooling", ("elementwise", "relu", "threshold", "pool", "dropout", "bernoulli", "mul", "add",
+                                 "div", "sub", "softmax", "nll", "reduce", "max", "triton")),
+)
+
+
+def group_of(name: str) -> str:
+    lowered = name.lower()
+    return next((group for group, fragments in GROUPS if any(f in lowered for f in fragments)), "other")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/profile_pt.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    parser.add_argument("--math", choices=MATH_MODES, default="fp32")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=10, help="profiled steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--on", action="append", default=[], metavar="SPEED_UP", help="switch a speed-up on")
+    parser.add_argument("--off", action="append", default=[], metavar="SPEED_UP", help="switch a speed-up off")
+    parser.add_argument("--top", type=int, default=15, help="kernels listed (default 15)")
+    parser.add_argument("--trace", type=Path, help="also write a Chrome trace (chrome://tracing, Perfetto)")
+    args = parser.parse_args(argv)
+
+    apply_math_environment(args.math)  # before PyTorch is imported, as every entry point does
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    import alexnet_pt as backend
+    from common.spec import book_alexnet
+
+    backend.set_math_mode(args.math)
+    device = "cuda" if args.device == "gpu" else "cpu"
+    if args.device == "gpu" and not backend.gpu_available():
+        print(f"profile_pt: error: {backend.gpu_status().detail}", file=sys.stderr)
+        return 2
+    options = {**{name: True for name in args.on}, **{name: False for name in args.off}}
+    model = backend.build(book_alexnet().with_input(1, args.input_size, args.input_size), device=args.device)
+    trainer = backend.make_trainer(model, lr=0.01, precision=args.precision, **options)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (args.batch, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, args.batch)
+
+    def step(seed: int) -> None:
+        trainer.train_step(trainer.prepare(images), labels, seed=seed)
+        backend.synchronize(args.device)
+
+    for seed in range(args.warmup):
+        step(seed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for seed in range(args.steps):
+            step(args.warmup + seed)
+        wall = (time.perf_counter() - started) / args.steps
+    if args.trace:
+        prof.export_chrome_trace(str(args.trace))
+
+    # Device kernels on a GPU (self device time); the operators' own CPU time on a CPU.
+    on_device = device == "cuda"
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA" if on_device else e.device_type.name == "CPU" and not e.key.startswith("ProfilerStep"))]
+    seconds = {e.key: (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e6 / args.steps
+               for e in events}
+    groups: dict[str, float] = {}
+    for name, s in seconds.items():
+        groups[group_of(name)] = groups.get(group_of(name), 0.0) + s
+    busy = sum(seconds.values())
+    print(f"AlexNet 1x{args.input_size}x{args.input_size}, batch {args.batch}, {args.precision}, math {args.math}, "
+          f"{backend.runtime_info(args.device).get('gpu') or 'CPU'}, options {trainer.options}")
+    print(f"wall {wall * 1e3:.2f} ms per step ({args.batch / wall:.0f} img/s); "
+          f"{'device busy' if on_device else 'operators (self CPU time)'} {busy * 1e3:.2f} ms "
+          f"({busy / wall:.0%} of the wall)")
+    for group, s in sorted(groups.items(), key=lambda item: -item[1]):
+        print(f"  {group:<24} {s * 1e3:8.3f} ms  {s / busy:6.1%}")
+    print(f"top {args.top} {'kernels' if on_device else 'operators'}:")
+    for name, s in sorted(seconds.items(), key=lambda item: -item[1])[:args.top]:
+        print(f"  {s * 1e3:8.3f} ms  {s / busy:6.1%}  [{group_of(name)}] {name[:110]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
