@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, TF32_OVERRIDE
 from common.io import atomic_path, atomic_paths
 from common.machine import has_avx512
 from common.shapes import conv_in_channels, dense_in_features
@@ -64,7 +64,10 @@ def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool
     """
     if device.type == "cpu":
         return has_avx512()
-    return precision != "fp32" or bool(torch.backends.cudnn.allow_tf32)
+    # NVIDIA_TF32_OVERRIDE=0 (--math fp32's variable, set before the import) refuses TF32 in cuDNN
+    # whatever PyTorch's flag says: a model built before set_math_mode("fp32") runs is strict float32 too
+    tf32 = bool(torch.backends.cudnn.allow_tf32) and os.environ.get(TF32_OVERRIDE) != "0"
+    return precision != "fp32" or tf32
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:

@@ -309,14 +309,20 @@ def test_cpu_models_are_channels_last_where_the_cpu_has_avx512_and_compute_what_
         assert fast_grads[name].flags.c_contiguous and rel_err(fast_grads[name], grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("precision, tf32, expected", [
-    ("fp32", False, False),  # strict float32: no tensor cores, NCHW (not measured channels-last)
-    ("fp32", True, True),  # TF32 convolutions (--math tf32, PyTorch's own default): +5.5% on an H200
-    ("bf16", False, True), ("fp16", False, True),  # tensor cores whatever the float32 math: +9% bf16
+@pytest.mark.parametrize("precision, tf32, override, expected", [
+    ("fp32", False, None, False),  # strict float32: no tensor cores, NCHW (not measured channels-last)
+    ("fp32", True, None, True),  # TF32 convolutions (--math tf32, PyTorch's own default): +5.5% on an H200
+    ("fp32", True, "0", False),  # --math fp32's variable refuses TF32 in cuDNN whatever the flag says
+    ("bf16", False, None, True), ("fp16", False, "0", True),  # tensor cores whatever the float32 math: +9% bf16
 ])
-def test_gpu_models_are_channels_last_where_the_convolutions_run_on_tensor_cores(precision, tf32, expected):
+def test_gpu_models_are_channels_last_where_the_convolutions_run_on_tensor_cores(monkeypatch, precision, tf32,
+                                                                                  override, expected):
     from alexnet_pt._model import prefers_channels_last
 
+    if override is None:
+        monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    else:
+        monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", override)
     before = torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = tf32  # what set_math_mode sets; a plain flag, settable without a GPU
