@@ -25,10 +25,11 @@ from common.backend import MATH_MODES, PRECISIONS, apply_math_environment  # noq
 # Kernel-name fragments, most specific first; the first that matches names the group.
 GROUPS = (
     ("optimizer", ("sgd", "foreach", "multi_tensor", "_amp_")),
-    ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "fft", "xmma_fprop", "xmma_dgrad", "xmma_wgrad",
+    ("convolution", ("conv", "cudnn", "implicit_gemm", "winograd", "fft", "fprop", "dgrad", "wgrad",
                      "onednn", "mkldnn_convolution")),
-    ("matrix product", ("gemm", "cublas", "cutlass", "sm90_", "nvjet", "addmm", "mm")),
-    ("copy and cast", ("copy", "memcpy", "memset", "to_copy", "cast", "fill")),
+    ("matrix product", ("gemm", "cublas", "cutlass", "nvjet", "addmm", "aten::mm", "aten::bmm", "matmul")),
+    # casts are copy kernels (bfloat16_copy_kernel_cuda); "nocast" in a kernel's name says nothing
+    ("copy and cast", ("copy", "memcpy", "memset", "fill")),
     ("elementwise and pooling", ("elementwise", "relu", "threshold", "pool", "dropout", "bernoulli", "mul", "add",
                                  "div", "sub", "softmax", "nll", "reduce", "max", "triton")),
 )
