@@ -13,6 +13,8 @@ numpy, PyTorch and the standard library (no TensorFlow, MXNet, network or instal
 4. ablate: in the time the recipe left, ``alexnet bench --ablate`` at batch 256 for fp32 (with the
    book's plain PyTorch code, ``--baseline``) and bf16: what channels-last and torch.compile are
    worth on this GPU, and the library against the plain code.
+5. kernels: in the time still left, ``benchmarks/profile_pt.py`` on one bf16 step at batch 256:
+   the device time by kernel group and the top kernels, for the next round of speed work.
 
 Everything the children print goes to the terminal and to ``gpu-check.log``; the summary is
 ``gpu-check.json`` and ``gpu-check.md`` in ``$OUT`` (the device tool's result folder) or, where
@@ -66,7 +68,9 @@ BENCH_CONFIGS = (("fp32", "fp32"), ("fp32", "tf32"), ("bf16", "tf32"), ("bf16", 
 # data: each speed-up (channels-last, torch.compile) flipped against the default; at fp32 also the
 # book's plain PyTorch code (`--baseline` runs float32 only).
 ABLATE_CONFIGS = (("fp32", "tf32"), ("bf16", "tf32"))
-STEPS = ("tests", "bench", "train", "ablate")  # in this order: the ablation gets what time the recipe leaves
+# In this order: the ablation and the profile get what time the recipe leaves.
+STEPS = ("tests", "bench", "train", "ablate", "kernels")
+PROFILE_CONFIG = ("bf16", "tf32")  # the profiled step: the precision whose MFU target is not met yet
 TESTS = ("tests", "--ignore=tests/test_backend_tf.py", "--ignore=tests/test_backend_mx.py")
 TRAIN_MATH = "tf32"  # the math mode of the training run, where `alexnet train` has --math
 EVAL_SHARE = 0.1  # an epoch's evaluation (10,000 forward passes) against its 60,000 training steps
@@ -438,6 +442,31 @@ class Check:
                                         (self.profile.ablate_batch,), extra, self.deadline, data="synthetic"))
         return {"status": runs_status(runs), "runs": runs}
 
+    # ------------------------------------------------------------ 5. kernels
+    def kernels(self) -> dict:
+        """Where one training step's device time goes (benchmarks/profile_pt.py) at the ablation's
+        batch size, in the time left: the starting point of the next round of speed work."""
+        p = self.profile
+        precision, math_mode = PROFILE_CONFIG
+        command = [sys.executable, str(ROOT / "benchmarks" / "profile_pt.py"), "--device", p.device,
+                   "--precision", precision, "--math", math_mode, "--batch", str(p.ablate_batch),
+                   "--input-size", str(p.bench_input), "--steps", str(max(p.bench_steps // 2, 1)),
+                   "--warmup", str(p.bench_warmup), "--top", "15"]
+        result = {"precision": precision, "math": math_mode, "batch_size": p.ablate_batch,
+                  "command": " ".join(command[1:])}
+        if self.left() < 30:
+            self.note(f"kernels: skipped, {max(self.left(), 0):.0f} s were left")
+            return {**result, "status": "skipped"}
+        self.log.write(f"$ {' '.join(command)}\n")
+        try:
+            code, out = capture(command, timeout=self.left())
+        except subprocess.TimeoutExpired:
+            self.note("kernels: the profile stopped at the deadline")
+            return {**result, "status": "timed out"}
+        lines = [line for line in out.splitlines() if line.strip() and not line.startswith(("USDT", "/", "  _warn"))]
+        self.log.write("\n".join(lines) + "\n")
+        return {**result, "status": "ok" if code == 0 else "failed", "exit_code": code, "lines": lines}
+
     # ------------------------------------------------------------ all of it
     def run(self) -> int:
         s = self.summary
@@ -627,6 +656,10 @@ def markdown(s: dict) -> str:
                        rows), "",
                 "Each speed-up flipped against the default; *plain (book)* is the book's PyTorch code "
                 "(benchmarks/plain_pt.py) in the same math mode, float32 only.", ""]
+    kernels = s.get("kernels")
+    if kernels and kernels.get("lines"):
+        out += [f"## Where a {kernels['precision']} step's time goes (`benchmarks/profile_pt.py`, batch "
+                f"{kernels['batch_size']})", "", "```", *kernels["lines"], "```", ""]
     if s.get("notes"):
         out += ["## Notes", ""] + [f"- {n}" for n in s["notes"]] + [""]
     return "\n".join(out)

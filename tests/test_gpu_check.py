@@ -87,7 +87,7 @@ def test_without_a_gpu_the_check_skips_its_gpu_steps_and_says_so(tmp_path):
     assert "no GPU here" in result.stdout and "--cpu-smoke" in result.stdout
     summary = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     assert summary["mode"] == "gpu" and summary["status"] == "skipped"
-    assert not {"tests", "bench", "train", "ablate"} & set(summary)
+    assert not {"tests", "bench", "train", "ablate", "kernels"} & set(summary)
     assert "no GPU here" in (tmp_path / "out" / "gpu-check.md").read_text()
 
 
@@ -141,6 +141,11 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     text = (out / "gpu-check.md").read_text()
     assert f"test accuracy {train['test_acc']:.4f}" in text and "| fp32 |" in text and "not comparable" in text
     assert "## Ablation" in text and "| plain (book) |" in text
+
+    kernels = summary["kernels"]  # the profile of one bf16 step, in the time left
+    assert kernels["status"] == "ok" and kernels["batch_size"] == 8, kernels
+    assert kernels["lines"][0].startswith("AlexNet 1x67x67, batch 8, bf16") and "convolution" in "".join(kernels["lines"])
+    assert "## Where a bf16 step's time goes" in text and kernels["lines"][1] in text
     with tarfile.open(out / "gpu-check-runs.tar.gz") as tar:
         names = tar.getnames()
     assert any(n.endswith("train/metrics.json") for n in names) and any(n.endswith("bench.json") for n in names)
