@@ -12,7 +12,6 @@ working on speed, not a benchmark: ``alexnet bench`` is the one that reports fig
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come from this tree
 
-from common.backend import MATH_MODES, PRECISIONS, apply_math_environment  # noqa: E402
+from common import shapes  # noqa: E402
+from common.backend import apply_math_environment  # noqa: E402
+from common.cli_args import (OneLineErrorParser, add_math_arg, add_precision_arg, add_speed_up_args,  # noqa: E402
+                             chosen_speed_ups, non_negative_int, positive_int, speed_up_owner)
+from common.spec import book_alexnet  # noqa: E402
 
 # Kernel-name fragments, most specific first; the first that matches names the group.
 GROUPS = (
@@ -41,19 +44,27 @@ def group_of(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks/profile_pt.py", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrorParser(prog="benchmarks/profile_pt.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
-    parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    parser.add_argument("--math", choices=MATH_MODES, default="fp32")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--input-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=10, help="profiled steps (after --warmup untimed ones)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--on", action="append", default=[], metavar="SPEED_UP", help="switch a speed-up on")
-    parser.add_argument("--off", action="append", default=[], metavar="SPEED_UP", help="switch a speed-up off")
-    parser.add_argument("--top", type=int, default=15, help="kernels listed (default 15)")
+    add_precision_arg(parser)
+    add_math_arg(parser)
+    parser.add_argument("--batch", type=positive_int, default=256)
+    parser.add_argument("--input-size", type=positive_int, default=224, metavar="S", help="images are 1xSxS")
+    parser.add_argument("--steps", type=positive_int, default=10, help="profiled steps (after --warmup untimed ones)")
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    add_speed_up_args(parser)
+    parser.add_argument("--top", type=positive_int, default=15, help="kernels listed (default 15)")
     parser.add_argument("--trace", type=Path, help="also write a Chrome trace (chrome://tracing, Perfetto)")
     args = parser.parse_args(argv)
+    spec = book_alexnet().with_input(1, args.input_size, args.input_size)
+    try:
+        options = chosen_speed_ups(args)
+        foreign = [name for name in options if speed_up_owner(name) != "pt"]
+        if foreign:
+            raise ValueError(f"speed-up(s) {', '.join(foreign)} are not PyTorch's")
+        shapes.check_input(spec, spec.input_shape)
+    except ValueError as error:
+        parser.error(str(error))
 
     apply_math_environment(args.math)  # before PyTorch is imported, as every entry point does
     import numpy as np
@@ -61,15 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     import alexnet_pt as backend
-    from common.spec import book_alexnet
 
     backend.set_math_mode(args.math)
     device = "cuda" if args.device == "gpu" else "cpu"
     if args.device == "gpu" and not backend.gpu_available():
         print(f"profile_pt: error: {backend.gpu_status().detail}", file=sys.stderr)
         return 2
-    options = {**{name: True for name in args.on}, **{name: False for name in args.off}}
-    model = backend.build(book_alexnet().with_input(1, args.input_size, args.input_size), device=args.device)
+    model = backend.build(spec, device=args.device)
     trainer = backend.make_trainer(model, lr=0.01, precision=args.precision, **options)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch, 28, 28), dtype=np.uint8)

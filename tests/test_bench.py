@@ -324,6 +324,10 @@ def test_the_profiling_tool_groups_one_steps_time_by_what_the_kernels_do():
     shares = [float(line.split()[-1].rstrip("%")) for line in lines[2:] if line.startswith("  ") and "[" not in line]
     assert total > 0 and {"convolution", "matrix"} <= groups and sum(shares) == pytest.approx(100, abs=0.5)
     assert sum("[convolution]" in line or "[matrix product]" in line for line in lines) >= 1
+    for bad in (["--on", "xla"], ["--input-size", "40"], ["--batch", "0"]):  # another backend's speed-up, too small
+        refused = subprocess.run(command + bad, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert refused.stderr.startswith("benchmarks/profile_pt.py: error: ") and "Traceback" not in refused.stderr
     if not pt.gpu_available():  # a GPU asked for where there is none: one line, exit 2
         refused = subprocess.run(command[:2] + ["--device", "gpu"], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and refused.stderr.startswith("profile_pt: error: ")
