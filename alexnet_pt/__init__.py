@@ -25,6 +25,8 @@ CAPABILITIES = Capabilities(
                 "default on a CPU with AVX-512, and on a GPU with tensor-core convolutions (TF32 math, bf16, fp16)",
                 default_on=("cpu", "gpu")),
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
+        SpeedUp("stem_matmul", "stem_matmul", "the first convolution (one input channel) as unfold + one matrix "
+                "product, for tensor cores; off: not yet measured on a GPU"),
     ),
     native_suffixes=(".pt", ".pth"), exports=(".pt2", ".onnx"),
     replicas=(

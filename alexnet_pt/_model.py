@@ -41,6 +41,48 @@ class AlexNet(nn.Sequential):
         return f"spec={self.spec.name!r}, input={'x'.join(map(str, self.spec.input_shape))}"
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same state_dict) that can also run as unfold + one matrix
+    product: ``as_matmul`` (the trainer's ``stem_matmul`` speed-up sets it on the first convolution).
+
+    Why: the first convolution has one input channel, and cuDNN has no tensor-core kernel for it.
+    On an NVIDIA H200 in bf16 at batch 256 (docs/benchmarks.md, the profile) it took about a third
+    of the device time for 3.6% of the FLOPs: a 0.9 ms non-tensor-core forward kernel, and a
+    backward that copied and converted its inputs to another memory format (1.1 ms) around a
+    0.7 ms weight-gradient kernel. As a matrix product of the image patches (121 of them per output
+    pixel here) with the weights, forward and weight gradient are two GEMMs with tensor cores. The
+    same sums in another order (float32: ~1e-6 relative). Groups and dilation other than 1 keep
+    the convolution."""
+
+    as_matmul = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.as_matmul and self.groups == 1 and self.dilation == (1, 1) and self.padding_mode == "zeros"):
+            return super().forward(x)
+        return conv2d_as_matmul(x, self.weight, self.bias, self.stride, self.padding)
+
+
+def conv2d_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` as unfold + one matrix product; the output is
+    NCHW-shaped with channels-last strides (the product's natural layout, pixel-major)."""
+    n, _, height, width = x.shape
+    out_channels, _, kh, kw = weight.shape
+    out_h = (height + 2 * padding[0] - kh) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kw) // stride[1] + 1
+    if torch.is_autocast_enabled(x.device.type):  # unfold in the product's precision: half the bytes
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    patches = F.unfold(x, (kh, kw), padding=padding, stride=stride)  # (N, C*kh*kw, out_h*out_w)
+    rows = patches.transpose(1, 2).reshape(n * out_h * out_w, -1)  # one row per output pixel
+    flat = weight.reshape(out_channels, -1).t()
+    out = torch.addmm(bias, rows, flat) if bias is not None else rows @ flat  # autocast casts all three
+    return out.view(n, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+
+
+def stem(model: "AlexNet") -> Conv2d:
+    """The first convolution: the one with the spec's input channels."""
+    return next(m for m in model.children() if isinstance(m, nn.Conv2d))
+
+
 def parameter_devices(model) -> set[str]:
     """Where the parameters really are: {'cpu'}, {'gpu'}, or both if something went wrong."""
     return {"gpu" if p.is_cuda else "cpu" for p in model.parameters()}
@@ -77,8 +119,8 @@ def memory_format(channels_last: bool) -> torch.memory_format:
 def _native_layer(layer, in_channels: dict[str, int], in_features: dict[str, int], device) -> nn.Module:
     """One spec layer as a PyTorch module (parameters unallocated on ``device='meta'``)."""
     if isinstance(layer, S.Conv2d):
-        return nn.Conv2d(in_channels[layer.name], layer.out_channels, layer.kernel_size, stride=layer.stride,
-                         padding=layer.padding, groups=layer.groups, bias=True, padding_mode="zeros", device=device)
+        return Conv2d(in_channels[layer.name], layer.out_channels, layer.kernel_size, stride=layer.stride,
+                      padding=layer.padding, groups=layer.groups, bias=True, padding_mode="zeros", device=device)
     if isinstance(layer, S.MaxPool2d):
         return nn.MaxPool2d(layer.kernel_size, stride=layer.stride, padding=0, ceil_mode=False)
     if isinstance(layer, S.ReLU):

@@ -16,6 +16,10 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
   30 s of compiling per graph, and training and evaluation are two graphs (docs/benchmarks.md):
   a win for long runs, a loss for the book's 10 epochs (about 45 s of training there), so it
   stays an option (``--on compile``).
+* ``stem_matmul``: the first convolution (one input channel) as unfold + one matrix product
+  (``_model.Conv2d``). Default off: on the H200 that convolution took a third of a bf16 step's
+  device time in cuDNN, but the product form is not yet measured on a GPU; ``scripts/gpu-check.sh``'s
+  ablation flips it, so the next GPU run measures it.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
   precision (float32 master weights and optimizer state; fp16 with ``torch.amp.GradScaler``, set to the
   project's one dynamic loss-scaling rule, ``common.weights``' LOSS_SCALE_*: start at 2**15, double
@@ -49,15 +53,15 @@ from common.weights import (DTYPE, LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL
 from . import CAPABILITIES
 from ._framework import DTYPES, replica_group
 from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_format, model_device, model_spec,
-                     prefers_channels_last)
+                     prefers_channels_last, stem)
 
 
 class Trainer:
     """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32",
-                 replicas: int = 1):
+                 channels_last: bool | None = None, compile: bool | None = None, stem_matmul: bool | None = None,
+                 precision: str = "fp32", replicas: int = 1):
         self.model = model
         self.replicas = check_replicas(replicas)
         self.group = replica_group() if replicas > 1 else SINGLE
@@ -71,6 +75,8 @@ class Trainer:
         self.precision = CAPABILITIES.check_precision(precision)
         self.channels_last = prefers_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
         self.compile = bool(compile)
+        self.stem_matmul = bool(stem_matmul)
+        stem(model).as_matmul = self.stem_matmul  # on the module: forward and loss_and_grads run it too
         # The parameters move to the chosen memory format in place (same Parameter objects, same
         # values); a channels-last model still computes the same function on NCHW-shaped inputs.
         model.to(memory_format=memory_format(self.channels_last))
@@ -98,7 +104,8 @@ class Trainer:
     @property
     def options(self) -> dict[str, object]:
         """The speed options in effect (defaults resolved), as ``alexnet bench`` records them."""
-        return {"channels_last": self.channels_last, "compile": self.compile, "precision": self.precision}
+        return {"channels_last": self.channels_last, "compile": self.compile, "stem_matmul": self.stem_matmul,
+                "precision": self.precision}
 
     @property
     def lr(self) -> float:
@@ -260,8 +267,9 @@ class Trainer:
 
 
 def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
-                 channels_last: bool | None = None, compile: bool | None = None, precision: str = "fp32",
-                 replicas: int = 1) -> Trainer:
+                 channels_last: bool | None = None, compile: bool | None = None, stem_matmul: bool | None = None,
+                 precision: str = "fp32", replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics; the speed options and ``replicas`` are described in the module docstring."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                   channels_last=channels_last, compile=compile, precision=precision, replicas=replicas)
+                   channels_last=channels_last, compile=compile, stem_matmul=stem_matmul, precision=precision,
+                   replicas=replicas)

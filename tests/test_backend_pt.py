@@ -331,6 +331,37 @@ def test_gpu_models_are_channels_last_where_the_convolutions_run_on_tensor_cores
         torch.backends.cudnn.allow_tf32 = before
 
 
+@pytest.mark.parametrize("spec", [SMALL, paper_alexnet(num_classes=10).with_input(3, 99, 99)], ids=["book", "paper"])
+def test_the_first_convolution_as_a_matrix_product_computes_what_the_convolution_computes(spec):
+    """stem_matmul (unfold + one matrix product, for tensor cores): the same logits, loss and every
+    gradient as cuDNN's/oneDNN's convolution up to float32 rounding, channels-last output, and
+    training steps in every precision; off, the module is nn.Conv2d's own forward."""
+    from alexnet_pt._model import conv2d_as_matmul, stem
+
+    spec = spec.with_dropout(0.0)
+    plain, product = (backend.build(spec, seed=5, device="cpu") for _ in range(2))
+    trainer = backend.make_trainer(product, lr=0.01, stem_matmul=True)
+    assert trainer.options["stem_matmul"] is True and stem(product).as_matmul and not stem(plain).as_matmul
+    x, y = batch(spec, seed=6, n=3)
+    assert rel_err(backend.forward(product, x), backend.forward(plain, x).astype(np.float64)) < 1e-5
+    plain_loss, plain_grads = backend.loss_and_grads(plain, x, y)
+    product_loss, product_grads = backend.loss_and_grads(product, x, y)
+    assert abs(product_loss - plain_loss) <= 1e-5 * abs(plain_loss)
+    for name, grad in plain_grads.items():
+        assert rel_err(product_grads[name], grad) < 1e-5, name
+    conv = stem(plain)
+    inputs = torch.from_numpy(x)
+    out = conv2d_as_matmul(inputs, conv.weight, conv.bias, conv.stride, conv.padding)
+    assert out.shape == conv(inputs).shape and out.is_contiguous(memory_format=torch.channels_last)
+    for precision in ("bf16", "fp16"):  # autocast: the product in low precision, float32 master weights
+        model = backend.build(spec, seed=5, device="cpu")
+        low = backend.make_trainer(model, lr=0.01, precision=precision, stem_matmul=True)
+        loss, _ = low.train_step(low.prepare(np.full((2, 28, 28), 128, np.uint8)), y[:2], seed=0)
+        assert np.isfinite(loss) and stem(model).weight.dtype == torch.float32
+    assert not backend.make_trainer(product, lr=0.01).options["stem_matmul"]  # the default: off
+    assert not stem(product).as_matmul
+
+
 PAGE_FAULTS_OF_REUSE = """
 import resource
 import torch

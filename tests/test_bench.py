@@ -120,7 +120,7 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
     # by the CPU's features: channels-last (alexnet_pt._model.prefers_channels_last) with AVX-512,
     # XLA (alexnet_tf._model.xla_by_default) without
     avx512 = "avx512f" in cpu_flags()
-    assert defaults["pt"] == {"channels_last": avx512, "compile": False, "precision": "fp32"}
+    assert defaults["pt"] == {"channels_last": avx512, "compile": False, "stem_matmul": False, "precision": "fp32"}
     assert defaults["tf"] == {"xla": not avx512, "precision": "fp32"}
     assert defaults["mx"] == {"hybridize": True, "precision": "fp32"}
     assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 7
@@ -145,8 +145,8 @@ def test_ablation_flips_each_speed_up_of_a_backend():
     assert configs(args, "tf", 32, None) == [Config("tf", "alexnet", 32, (("xla", False),))]
     assert configs(args, "tf", 32, {"xla": False}) == [Config("tf", "plain", 32),
                                                        Config("tf", "alexnet", 32, (("xla", True),))]
-    flipped = configs(args, "pt", 128, {"channels_last": False, "compile": False})
-    assert [c.variant for c in flipped] == ["plain (book)", "channels_last=on", "compile=on"]
+    flipped = configs(args, "pt", 128, {"channels_last": False, "compile": False, "stem_matmul": False})
+    assert [c.variant for c in flipped] == ["plain (book)", "channels_last=on", "compile=on", "stem_matmul=on"]
     assert all(all_speed_ups()[b] for b in ("pt", "tf", "mx"))  # every backend has one to ablate
 
 

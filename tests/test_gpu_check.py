@@ -132,7 +132,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path):
     assert summary["ablate"]["status"] == ablation["status"] == "ok"
     raw = json.loads((work / "ablate-fp32-fp32" / "bench.json").read_text())["results"]
     assert [r["variant"] for r in ablation["rows"]] == [r["variant"] for r in raw]
-    assert {r["variant"] for r in raw} == {"default", "plain (book)", "compile=on",
+    assert {r["variant"] for r in raw} == {"default", "plain (book)", "compile=on", "stem_matmul=on",
                                            "channels_last=on" if not raw[0]["options"]["channels_last"]
                                            else "channels_last=off"}
     (default,) = [r for r in ablation["rows"] if r["variant"] == "default"]
