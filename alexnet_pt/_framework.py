@@ -147,7 +147,8 @@ def runtime_info(device: str) -> dict:
     info = {"framework": f"PyTorch {torch.__version__}", "intra_op_threads": torch.get_num_threads(),
             "inter_op_threads": torch.get_num_interop_threads(),
             "blas": "MKL" if torch.backends.mkl.is_available() else "other",
-            "onednn": bool(torch.backends.mkldnn.is_available())}
+            "onednn": bool(torch.backends.mkldnn.is_available()),
+            "keeps_freed_memory": KEEPS_FREED_MEMORY}  # the glibc malloc setting (ALEXNET_KEEP_FREED_MEMORY)
     if device == "gpu":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

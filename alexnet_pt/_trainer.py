@@ -12,8 +12,9 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
   AVX-512, and on a GPU whose convolutions run on tensor cores: TF32, bf16, fp16), the format
   ``build`` already gave a CPU model.
 * ``compile``: ``torch.compile`` of the forward pass. Default off: on the CPUs measured it did
-  not pay; on an NVIDIA H200 it trains 14% (TF32) to 18% (bf16) faster at batch 256 after about
-  30 s of compiling per graph, and training and evaluation are two graphs (docs/benchmarks.md):
+  not pay; on an NVIDIA H200 it trains 14% (TF32) to 18% (bf16) faster at batch 256 after 18-29 s
+  of compiling the first graph (docs/benchmarks.md), and training, evaluation and an epoch's
+  smaller last batch each compile their own (torch._dynamo counted 4 graphs for those on a CPU):
   a win for long runs, a loss for the book's 10 epochs (about 45 s of training there), so it
   stays an option (``--on compile``).
 * ``stem_matmul``: the first convolution (one input channel) as unfold + one matrix product

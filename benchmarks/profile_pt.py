@@ -21,6 +21,8 @@ sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come f
 
 from common import shapes  # noqa: E402
 from common.backend import apply_math_environment  # noqa: E402
+from common.bench_worker import synthetic_batch  # noqa: E402
+from common.io import atomic_path  # noqa: E402
 from common.cli_args import (OneLineErrorParser, add_math_arg, add_precision_arg, add_speed_up_args,  # noqa: E402
                              chosen_speed_ups, non_negative_int, positive_int, speed_up_owner)
 from common.spec import book_alexnet  # noqa: E402
@@ -63,26 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         if foreign:
             raise ValueError(f"speed-up(s) {', '.join(foreign)} are not PyTorch's")
         shapes.check_input(spec, spec.input_shape)
+        if args.trace and not args.trace.parent.is_dir():  # before minutes of work, not after
+            raise ValueError(f"--trace {args.trace}: folder {args.trace.parent} does not exist")
     except ValueError as error:
         parser.error(str(error))
 
     apply_math_environment(args.math)  # before PyTorch is imported, as every entry point does
-    import numpy as np
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     import alexnet_pt as backend
 
     backend.set_math_mode(args.math)
-    device = "cuda" if args.device == "gpu" else "cpu"
-    if args.device == "gpu" and not backend.gpu_available():
-        print(f"profile_pt: error: {backend.gpu_status().detail}", file=sys.stderr)
-        return 2
+    on_gpu = args.device == "gpu"
+    if on_gpu and not backend.gpu_available():
+        parser.exit(2, f"{parser.prog}: error: {backend.gpu_status().detail}\n")
     model = backend.build(spec, device=args.device)
     trainer = backend.make_trainer(model, lr=0.01, precision=args.precision, **options)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, args.batch)
+    images, labels = synthetic_batch(args.batch, spec.num_classes)  # the batch alexnet bench times
 
     def step(seed: int) -> None:
         trainer.train_step(trainer.prepare(images), labels, seed=seed)
@@ -90,20 +89,25 @@ def main(argv: list[str] | None = None) -> int:
 
     for seed in range(args.warmup):
         step(seed)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
         for seed in range(args.steps):
             step(args.warmup + seed)
         wall = (time.perf_counter() - started) / args.steps
-    if args.trace:
-        prof.export_chrome_trace(str(args.trace))
+    if args.trace:  # whole or not at all; PyTorch only logs a failed write, so the file is checked
+        try:
+            with atomic_path(args.trace) as tmp:
+                prof.export_chrome_trace(str(tmp))
+                if not tmp.is_file() or tmp.stat().st_size == 0:
+                    raise OSError("PyTorch wrote no trace there")
+        except OSError as error:
+            parser.exit(2, f"{parser.prog}: error: --trace {args.trace}: {error}\n")
 
     # Device kernels on a GPU (self device time); the operators' own CPU time on a CPU.
-    on_device = device == "cuda"
     events = [e for e in prof.key_averages()
-              if (e.device_type.name == "CUDA" if on_device else e.device_type.name == "CPU" and not e.key.startswith("ProfilerStep"))]
-    seconds = {e.key: (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e6 / args.steps
+              if (e.device_type.name == "CUDA" if on_gpu else e.device_type.name == "CPU" and not e.key.startswith("ProfilerStep"))]
+    seconds = {e.key: (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e6 / args.steps
                for e in events}
     groups: dict[str, float] = {}
     for name, s in seconds.items():
@@ -112,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AlexNet 1x{args.input_size}x{args.input_size}, batch {args.batch}, {args.precision}, math {args.math}, "
           f"{backend.runtime_info(args.device).get('gpu') or 'CPU'}, options {trainer.options}")
     print(f"wall {wall * 1e3:.2f} ms per step ({args.batch / wall:.0f} img/s); "
-          f"{'device busy' if on_device else 'operators (self CPU time)'} {busy * 1e3:.2f} ms "
+          f"{'device busy' if on_gpu else 'operators (self CPU time)'} {busy * 1e3:.2f} ms "
           f"({busy / wall:.0%} of the wall)")
     for group, s in sorted(groups.items(), key=lambda item: -item[1]):
         print(f"  {group:<24} {s * 1e3:8.3f} ms  {s / busy:6.1%}")
-    print(f"top {args.top} {'kernels' if on_device else 'operators'}:")
+    print(f"top {args.top} {'kernels' if on_gpu else 'operators'}:")
     for name, s in sorted(seconds.items(), key=lambda item: -item[1])[:args.top]:
         print(f"  {s * 1e3:8.3f} ms  {s / busy:6.1%}  [{group_of(name)}] {name[:110]}")
     return 0

@@ -91,7 +91,7 @@ def keep_freed_memory() -> bool:
     Process-wide and for later allocations only; PyTorch's backend asks for it when imported (the
     others did not gain). Linux with glibc only; ``ALEXNET_KEEP_FREED_MEMORY=0`` leaves malloc alone.
     Returns whether it was applied."""
-    if os.environ.get(KEEP_FREED_MEMORY_VARIABLE, "1") == "0" or not platform.libc_ver()[0] == "glibc":
+    if os.environ.get(KEEP_FREED_MEMORY_VARIABLE, "1") == "0" or platform.libc_ver()[0] != "glibc":
         return False
     import ctypes
 

@@ -526,7 +526,7 @@ def _restore(run: Path, config: TrainConfig, backend, model, trainer):
 
 
 def _matching_flags(saved: dict, wanted: dict, sessions: list[dict]) -> str:
-    """The flags that give a resume the checkpoint's trainer options, where only those differ: the
+    """The flags that give a resume the checkpoint's trainer options ("" where they agree): the
     speed-ups' defaults follow the machine (CPU features, GPU math mode), so a checkpoint moved to
     another machine can differ in nothing the user typed."""
     before, now = saved.get("trainer_options") or {}, wanted.get("trainer_options") or {}

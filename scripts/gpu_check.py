@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come from this tree
 
 from common.bench import PLAIN_MIN_INPUT  # noqa: E402
+from common.cli_args import OneLineErrorParser  # noqa: E402
 from common.data import FILES, DataError, FashionMNIST, locate  # noqa: E402
 from common.io import atomic_path, write_text_atomic  # noqa: E402
 
@@ -782,7 +783,7 @@ def bench_configs(text: str) -> tuple[tuple[str, str], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="scripts/gpu-check.sh",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # the run call must stay on one line
         description="The prepared GPU check: PyTorch's GPU tests, alexnet bench on the GPU and the book's\n"

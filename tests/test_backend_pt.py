@@ -392,6 +392,8 @@ def test_cpu_tensors_reuse_freed_memory_instead_of_page_faulting_through_fresh_b
         assert result.returncode == 0, result.stderr
         return [int(n) for n in result.stdout.split()]
 
+    # the setting is in every bench record (runtime_info), so an A/B of it can be told apart
+    assert backend.runtime_info("cpu")["keeps_freed_memory"] is (os.environ.get("ALEXNET_KEEP_FREED_MEMORY") != "0")
     pages = 2 * 64 * 2**20 // resource.getpagesize()  # two fresh 64 MiB blocks a round, every page touched
     kept = faults()
     assert max(kept[2:]) < 0.01 * pages, kept  # measured here: 0 from the second or third round on

@@ -309,14 +309,17 @@ def test_bench_takes_an_inference_only_backend_where_named_and_defaults_to_the_t
     assert build_parser().parse_args(["bench", "--backends", "pt,onnx"]).backends == ["pt", "onnx"]
 
 
-def test_the_profiling_tool_groups_one_steps_time_by_what_the_kernels_do():
+def test_the_profiling_tool_groups_one_steps_time_by_what_the_kernels_do(tmp_path):
     """benchmarks/profile_pt.py (a tool for speed work, not a benchmark): on CPU at the smallest
     size it prints the wall time, the groups that add up to the profiled time, and the top operators."""
     pt = get_backend("pt")
     command = [sys.executable, str(ROOT / "benchmarks" / "profile_pt.py"), "--device", "cpu", "--batch", "2",
                "--input-size", "67", "--steps", "1", "--warmup", "1", "--top", "3"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command + ["--trace", str(tmp_path / "trace.json")], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "trace.json").read_text())["traceEvents"]  # the Chrome trace, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["trace.json"]  # no temporary left beside it
     lines = [line for line in result.stdout.splitlines() if not line.startswith("USDT")]
     assert lines[0].startswith("AlexNet 1x67x67, batch 2, fp32, math fp32, CPU")
     total = float(lines[1].split("operators (self CPU time) ")[1].split(" ms")[0])
@@ -324,11 +327,12 @@ def test_the_profiling_tool_groups_one_steps_time_by_what_the_kernels_do():
     shares = [float(line.split()[-1].rstrip("%")) for line in lines[2:] if line.startswith("  ") and "[" not in line]
     assert total > 0 and {"convolution", "matrix"} <= groups and sum(shares) == pytest.approx(100, abs=0.5)
     assert sum("[convolution]" in line or "[matrix product]" in line for line in lines) >= 1
-    for bad in (["--on", "xla"], ["--input-size", "40"], ["--batch", "0"]):  # another backend's speed-up, too small
+    for bad in (["--on", "xla"], ["--input-size", "40"], ["--batch", "0"],  # another backend's speed-up, too small
+                ["--trace", str(tmp_path / "missing" / "trace.json")]):  # refused before the work, not after
         refused = subprocess.run(command + bad, capture_output=True, text=True, timeout=300)
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert refused.stderr.startswith("benchmarks/profile_pt.py: error: ") and "Traceback" not in refused.stderr
     if not pt.gpu_available():  # a GPU asked for where there is none: one line, exit 2
         refused = subprocess.run(command[:2] + ["--device", "gpu"], capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 2 and refused.stderr.startswith("profile_pt: error: ")
+        assert refused.returncode == 2 and refused.stderr.startswith("benchmarks/profile_pt.py: error: ")
         assert len(refused.stderr.strip().splitlines()) == 1

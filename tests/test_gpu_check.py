@@ -171,7 +171,9 @@ def test_prepare_names_a_data_folder_that_lacks_the_files(tmp_path):
     assert str(tmp_path / "data") in line and "t10k-labels-idx1-ubyte.gz" in line
 
 
-def test_a_bad_bench_configuration_is_a_one_line_error():
-    result = run_script("--cpu-smoke", "--configs", "fp32:fp64")
+@pytest.mark.parametrize("flag", ["--configs", "--ablate-configs"])
+def test_a_bad_bench_configuration_is_a_one_line_error(flag):
+    result = run_script("--cpu-smoke", flag, "fp32:fp64")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--configs" in result.stderr and "'fp32:fp64'" in result.stderr
+    (line,) = result.stderr.strip().splitlines()  # no usage block before it
+    assert line.startswith(f"scripts/gpu-check.sh: error: argument {flag}: ") and "'fp32:fp64'" in line
