@@ -13,11 +13,11 @@ importing and configuring MXNet), ``_model`` (build, run, weights in/out, native
 checkpoints), ``_trainer`` (the optimizer step through ``gluon.Trainer``).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, ReplicaEngine, SpeedUp
+from common.backend import Artifact, Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing MXNet: literals, SpeedUp(...) and ReplicaEngine(...) only.
+# Read by common without importing MXNet: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
     name="mx", framework="MXNet", extra="mxnet", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -25,7 +25,20 @@ CAPABILITIES = Capabilities(
         SpeedUp("hybridize", "hybridize", "hybridize(static_alloc=True, static_shape=True)",
                 default_on=("cpu", "gpu")),
     ),
-    native_suffixes=(".params",), exports=("-symbol.json", "-0000.params"),
+    native_suffixes=(".params",),
+    exports=(
+        Artifact("-symbol.json", "import numpy; numpy.bool = bool; import mxnet as mx; "  # MXNet 1.9.1 reads numpy.bool
+                 "net = mx.gluon.SymbolBlock.imports(path, [INPUT], path[:-len('-symbol.json')] + '-0000.params'); "
+                 "run = lambda x: net(mx.nd.array(x)).asnumpy()"),
+        Artifact("-0000.params"),  # the weights, read through the -symbol.json beside them
+    ),
+    thread_variables=("MXNET_OMP_MAX_THREADS",),
+    recorded_variables=("MXNET_CPU_WORKER_NTHREADS", "MXNET_ENGINE_TYPE"),
+    # MXNet reads its tensor-core switches when it starts: the math mode is fixed before import
+    math_variables=(("fp32", "MXNET_CUDA_ALLOW_TENSOR_CORE", "0"),
+                    ("fp32", "MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION", "0"),
+                    ("tf32", "MXNET_CUDA_ALLOW_TENSOR_CORE", "1")),
+    containers=("MXNet",),  # the Gluon zoo's .params
     replicas=(
         ReplicaEngine("device", "KVStore 'device' in one process over N GPU or CPU contexts"),
         ReplicaEngine("dist_sync", "KVStore 'dist_sync', one worker process per replica with parameter servers, "
@@ -48,7 +61,7 @@ from ._framework import (  # noqa: E402  (the numpy shim, then MXNet: an ImportE
 )
 from ._model import (  # noqa: E402
     AlexNet, build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
-    param_counts, parameter_devices, read_params, save_native, write_params,
+    param_counts, parameter_devices, read_container, read_params, save_native, write_container, write_params,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
@@ -56,4 +69,4 @@ layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
 __all__ = [*_CONTRACT, "AlexNet", "configure_replicas", "export_artifacts", "read_params", "replica_group",
-           "serve_kvstore", "write_params"]
+           "read_container", "serve_kvstore", "write_container", "write_params"]

@@ -34,7 +34,8 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 import functools  # noqa: E402
 
-from common.backend import GpuStatus, apply_math_environment, choose_device, math_environment, require_framework  # noqa: E402
+from common.backend import GpuStatus, apply_math_environment, device_helpers, math_environment, require_framework  # noqa: E402
+from common.errors import first_line  # noqa: E402
 from common.replicas import SINGLE, ReplicaGroup, check_replicas  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
@@ -66,7 +67,7 @@ def gpu_status() -> GpuStatus:
     try:
         count = mx.context.num_gpus()
     except mx.base.MXNetError as error:
-        return GpuStatus(False, f"MXNet could not count GPUs ({_first_line(error)})")
+        return GpuStatus(False, f"MXNet could not count GPUs ({first_line(error)})")
     if count == 0:
         return GpuStatus(False, "MXNet sees no GPU")
     ctx = mx.gpu(0)
@@ -87,18 +88,9 @@ def gpu_status() -> GpuStatus:
             why = (f"this MXNet build has no kernels for compute capability {capability // 10}.{capability % 10} "
                    f"(MXNet 1.9.1's CUDA wheels stop at 8.6, without PTX)")
         else:
-            why = f"a convolution failed on GPU 0 ({_first_line(error)})"
+            why = f"a convolution failed on GPU 0 ({first_line(error)})"
         return GpuStatus(False, why, present=True)
     return GpuStatus(True, f"GPU 0 (compute capability {capability / 10:.1f})" if capability else "GPU 0", present=True)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def gpu_available() -> bool:
-    """Whether MXNet can compute on a GPU here (``gpu_status`` says why not)."""
-    return gpu_status().usable
 
 
 def set_math_mode(math: str) -> None:
@@ -113,14 +105,7 @@ def set_math_mode(math: str) -> None:
     apply_math_environment(math)  # for child processes
 
 
-def disable_tf32() -> None:
-    """Full float32 on GPUs: MXNet's tensor-core switches off (see ``set_math_mode``)."""
-    set_math_mode("fp32")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
-    return choose_device(device, gpu_status(), FRAMEWORK)
+gpu_available, disable_tf32, resolve_device = device_helpers(gpu_status, set_math_mode, FRAMEWORK)
 
 
 def context(device: str):

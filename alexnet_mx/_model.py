@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from common.backend import ARTIFACT_INPUT
+from common.errors import first_line
 from common.io import atomic_path, atomic_paths
 from common.shapes import conv_in_channels, dense_in_features
 from common.spec import (
@@ -278,8 +279,7 @@ def read_params(path, *, named: str = "named parameters") -> dict[str, "mx.nd.ND
     try:
         loaded = mx.nd.load(str(path))
     except mx.base.MXNetError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsError(f"{path}: not a readable MXNet .params file ({first})") from None
+        raise WeightsError(f"{path}: not a readable MXNet .params file ({first_line(error)})") from None
     if not isinstance(loaded, dict):
         raise WeightsError(f"{path}: holds unnamed arrays, not {named}")
     return loaded
@@ -292,6 +292,9 @@ def write_params(path, arrays) -> Path:
     with atomic_path(path) as tmp:
         mx.nd.save(str(tmp), native)
     return path
+
+
+read_container, write_container = read_params, write_params  # the Gluon zoo's container (common.zoo)
 
 
 def load_native(model, path) -> None:
@@ -315,7 +318,7 @@ def load_native(model, path) -> None:
 
 # ------------------------------------------------------------------ deployable artifacts
 
-SYMBOL_ENDING, PARAMS_ENDING = CAPABILITIES.exports  # "-symbol.json", "-0000.params": HybridBlock.export's names
+SYMBOL_ENDING, PARAMS_ENDING = CAPABILITIES.export_endings  # "-symbol.json", "-0000.params": HybridBlock.export's names
 
 
 def inference_symbol(model, input_name: str = ARTIFACT_INPUT) -> "mx.sym.Symbol":

@@ -14,14 +14,19 @@ Inference only (``trains=False``): the training names of the contract exist and 
 providers, bench hooks), ``_model`` (the graph builder, run, weights in/out, .onnx files).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities
+from common.backend import Artifact, Capabilities
 from common.backend import bound_layer_summary as _bound_layer_summary
 
-# Read by common without importing ONNX Runtime: literals only.
+# Read by common without importing ONNX Runtime: literals and Artifact(...) only.
 CAPABILITIES = Capabilities(
     name="onnx", framework="ONNX Runtime", extra="onnx", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32",), devices=("cpu", "gpu"), speed_ups=(),
-    native_suffixes=(".onnx",), trains=False, exports=(".onnx",),
+    native_suffixes=(".onnx",), trains=False,
+    exports=(
+        Artifact(".onnx", "import onnxruntime; session = onnxruntime.InferenceSession(path, providers="
+                 "['CPUExecutionProvider']); run = lambda x: session.run([OUTPUT], {INPUT: x})[0]",
+                 needs=("onnxruntime",)),
+    ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout
 

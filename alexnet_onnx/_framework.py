@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from common.backend import GpuStatus, choose_device, require_framework
+from common.backend import GpuStatus, device_helpers, require_framework
+from common.errors import first_line
 
 from . import CAPABILITIES
 
@@ -84,21 +85,11 @@ def gpu_status() -> GpuStatus:
             return GpuStatus(False, "ONNX Runtime's CUDA provider did not take the graph", present=True)
         (out,) = session.run(None, {"x": np.array([-1.0, 2.0], np.float32)})
     except Exception as error:  # any failure to load or run the provider means: no usable GPU
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         return GpuStatus(False, f"ONNX Runtime's CUDA provider failed ({first})", present=True)
     if not np.array_equal(out, [0.0, 2.0]):
         return GpuStatus(False, "ONNX Runtime's CUDA provider computed a wrong result", present=True)
     return GpuStatus(True, "CUDA provider, GPU 0", present=True)
-
-
-def gpu_available() -> bool:
-    """Whether ONNX Runtime can compute on a GPU here (``gpu_status`` says why not)."""
-    return gpu_status().usable
-
-
-def resolve_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (DeviceError for a missing GPU)."""
-    return choose_device(device, gpu_status(), FRAMEWORK)
 
 
 def set_math_mode(math: str) -> None:
@@ -107,9 +98,7 @@ def set_math_mode(math: str) -> None:
     CAPABILITIES.check_math_mode(math)
 
 
-def disable_tf32() -> None:
-    """Nothing to switch (see ``set_math_mode``): GPU math here is always strict float32."""
-    set_math_mode("fp32")
+gpu_available, disable_tf32, resolve_device = device_helpers(gpu_status, set_math_mode, FRAMEWORK)
 
 
 # ------------------------------------------------------------------ for the bench

@@ -12,11 +12,11 @@ thing lives: ``_framework`` (importing and configuring PyTorch), ``_model`` (bui
 weights in/out, native checkpoints), ``_trainer`` (the optimizer step).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, ReplicaEngine, SpeedUp
+from common.backend import Artifact, Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing PyTorch: literals, SpeedUp(...) and ReplicaEngine(...) only.
+# Read by common without importing PyTorch: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
     name="pt", framework="PyTorch", extra="torch", layout="NCHW",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -28,7 +28,15 @@ CAPABILITIES = Capabilities(
         SpeedUp("stem_matmul", "stem_matmul", "the first convolution (one input channel) as unfold + one matrix "
                 "product, for tensor cores; off: not yet measured on a GPU"),
     ),
-    native_suffixes=(".pt", ".pth"), exports=(".pt2", ".onnx"),
+    native_suffixes=(".pt", ".pth"),
+    exports=(
+        Artifact(".pt2", "import torch; program = torch.export.load(path).module(); "
+                 "run = lambda x: program(torch.from_numpy(x)).detach().numpy()"),
+        Artifact(".onnx", "import onnxruntime; session = onnxruntime.InferenceSession(path, providers="
+                 "['CPUExecutionProvider']); run = lambda x: session.run([OUTPUT], {INPUT: x})[0]",
+                 needs=("onnxruntime", "onnxscript")),
+    ),
+    containers=("PyTorch",),  # torchvision's zoo file: a state_dict
     replicas=(
         ReplicaEngine("ddp", "DistributedDataParallel, one process per replica (gloo on CPU, NCCL on GPUs); "
                       "several machines: torchrun --nnodes", processes=True),
@@ -42,11 +50,11 @@ from ._framework import (  # noqa: E402  (imports PyTorch: an ImportError names 
 )
 from ._model import (  # noqa: E402
     build, export_artifacts, export_weights, forward, load_native, load_weights, loss_and_grads, model_spec,
-    param_counts, parameter_devices, save_native,
+    param_counts, parameter_devices, read_container, save_native, write_container,
 )
 from ._trainer import Trainer, make_trainer  # noqa: E402
 
 layer_summary = _bound_layer_summary(__name__)
 fit = _bound_fit(__name__)
 
-__all__ = [*_CONTRACT, "configure_replicas", "replica_group", "export_artifacts"]
+__all__ = [*_CONTRACT, "configure_replicas", "replica_group", "export_artifacts", "read_container", "write_container"]

@@ -7,7 +7,8 @@ import datetime
 import functools
 import os
 
-from common.backend import GpuStatus, choose_device, require_framework
+from common.backend import GpuStatus, device_helpers, require_framework
+from common.errors import first_line
 from common.machine import keep_freed_memory
 from common.replicas import SINGLE, ReplicaGroup, check_replicas
 
@@ -20,10 +21,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # PyTorch's CPU tensors come from malloc: keep freed blocks for reuse rather than page-faulting
 # through fresh ones every step (+26% CPU training; common.machine.keep_freed_memory says why).
 KEEPS_FREED_MEMORY = keep_freed_memory()
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,14 +38,9 @@ def gpu_status() -> GpuStatus:
     except Exception as error:  # e.g. "no kernel image is available for execution on the device"
         major, minor = torch.cuda.get_device_capability(0)
         return GpuStatus(False, f"{name} (compute capability {major}.{minor}): a convolution failed on it "
-                                f"({_first_line(error)}); this PyTorch build has kernels for "
+                                f"({first_line(error)}); this PyTorch build has kernels for "
                                 f"{', '.join(torch.cuda.get_arch_list()) or 'no architecture'}", present=True)
     return GpuStatus(True, name, present=True)
-
-
-def gpu_available() -> bool:
-    """Whether PyTorch can compute on a CUDA GPU here (``gpu_status`` says why not)."""
-    return gpu_status().usable
 
 
 def set_math_mode(math: str) -> None:
@@ -59,14 +51,7 @@ def set_math_mode(math: str) -> None:
     torch.backends.cudnn.allow_tf32 = allow
 
 
-def disable_tf32() -> None:
-    """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
-    set_math_mode("fp32")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
-    return choose_device(device, gpu_status(), FRAMEWORK)
+gpu_available, disable_tf32, resolve_device = device_helpers(gpu_status, set_math_mode, FRAMEWORK)
 
 
 def torch_device(device: str) -> "torch.device":

@@ -19,6 +19,7 @@ from torch import nn
 
 from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, TF32_OVERRIDE
+from common.errors import first_line
 from common.io import atomic_path, atomic_paths
 from common.machine import has_avx512
 from common.shapes import conv_in_channels, dense_in_features
@@ -265,22 +266,39 @@ def save_native(model: AlexNet, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_native(model: AlexNet, path: str | os.PathLike) -> None:
-    """Load a ``save_native`` checkpoint (``weights_only=True``: no pickled code runs).
-
-    Every name and shape is checked before the model is touched; a mismatch raises
-    ``WeightsError`` naming the file and each problem.
-    """
+def read_container(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch state_dict file by key (``weights_only=True``: no pickled code runs),
+    for ``load_native`` and the torchvision zoo (``common.zoo``). A file that is none is one
+    ``WeightsError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such checkpoint file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle.UnpicklingError, RuntimeError (not a zip), EOFError, ...
-        raise WeightsError(f"{path}: not a loadable PyTorch state_dict checkpoint ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise WeightsError(f"{path}: not a loadable PyTorch state_dict ({type(error).__name__}: "
+                           f"{first_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
+    return dict(state)
+
+
+def write_container(path: str | os.PathLike, arrays) -> Path:
+    """Named numpy ``arrays`` as a PyTorch state_dict file (``torch.save``), written atomically."""
+    path = Path(path)
+    state = OrderedDict((key, torch.from_numpy(np.array(value))) for key, value in arrays.items())
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    return path
+
+
+def load_native(model: AlexNet, path: str | os.PathLike) -> None:
+    """Load a ``save_native`` checkpoint (``read_container``: no pickled code runs).
+
+    Every name and shape is checked before the model is touched; a mismatch raises
+    ``WeightsError`` naming the file and each problem.
+    """
+    state = read_container(path)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     check_arrays(model_spec(model), expected, state, source=str(path))
     model.load_state_dict(state, strict=True)

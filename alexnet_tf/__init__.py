@@ -14,11 +14,11 @@ PyTorch's semantics as one compiled step), ``_layers`` (LRN, adaptive pooling an
 dropout, which Keras lacks).
 """
 from common.backend import CONTRACT as _CONTRACT
-from common.backend import Capabilities, ReplicaEngine, SpeedUp
+from common.backend import Artifact, Capabilities, ReplicaEngine, SpeedUp
 from common.backend import bound_layer_summary as _bound_layer_summary
 from common.train import bound_fit as _bound_fit
 
-# Read by common without importing TensorFlow: literals, SpeedUp(...) and ReplicaEngine(...) only.
+# Read by common without importing TensorFlow: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
     name="tf", framework="TensorFlow", extra="tensorflow", layout="NHWC",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
@@ -26,7 +26,13 @@ CAPABILITIES = Capabilities(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
                 "a GPU and on a CPU without AVX-512, off on a CPU with it (slower there)", default_on=("cpu", "gpu")),
     ),
-    native_suffixes=(".weights.h5",), exports=("_savedmodel",),
+    native_suffixes=(".weights.h5",),
+    exports=(
+        Artifact("_savedmodel", "import tensorflow as tf; serve = tf.saved_model.load(path).signatures["
+                 "'serving_default']; run = lambda x: serve(**{INPUT: tf.constant(x)})[OUTPUT].numpy()"),
+    ),
+    thread_variables=("TF_NUM_INTRAOP_THREADS",),
+    recorded_variables=("TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS"),
     replicas=(
         ReplicaEngine("mirrored", "MirroredStrategy in one process over N GPUs or N logical CPU devices"),
         ReplicaEngine("multi_worker", "MultiWorkerMirroredStrategy, one process per replica, named by TF_CONFIG "

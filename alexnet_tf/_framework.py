@@ -14,7 +14,8 @@ import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 
-from common.backend import GpuStatus, choose_device, require_framework  # noqa: E402
+from common.backend import GpuStatus, device_helpers, require_framework  # noqa: E402
+from common.errors import first_line  # noqa: E402
 from common.replicas import SINGLE, ReplicaGroup, check_replicas  # noqa: E402
 
 from . import CAPABILITIES  # noqa: E402
@@ -62,14 +63,9 @@ def gpu_status() -> GpuStatus:
                 loss = tf.reduce_sum(tf.square(tf.nn.conv2d(x, w, 1, "VALID")))
             float(tf.reduce_sum(tape.gradient(loss, w)))
     except Exception as error:  # XLA/CUDA errors differ by version: the message says which
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error)
         return GpuStatus(False, f"{name}: a convolution failed on it ({first})", present=True)
     return GpuStatus(True, name, present=True)
-
-
-def gpu_available() -> bool:
-    """Whether TensorFlow can compute on a GPU here (``gpu_status`` says why not)."""
-    return gpu_status().usable
 
 
 def set_math_mode(math: str) -> None:
@@ -77,14 +73,7 @@ def set_math_mode(math: str) -> None:
     tf.config.experimental.enable_tensor_float_32_execution(CAPABILITIES.check_math_mode(math) == "tf32")
 
 
-def disable_tf32() -> None:
-    """Full float32 matmuls and convolutions on Ampere+ GPUs (TF32 keeps 10 mantissa bits: ~1e-3)."""
-    set_math_mode("fp32")
-
-
-def resolve_device(device: str) -> str:
-    """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (common.backend.choose_device's rule)."""
-    return choose_device(device, gpu_status(), FRAMEWORK)
+gpu_available, disable_tf32, resolve_device = device_helpers(gpu_status, set_math_mode, FRAMEWORK)
 
 
 def device_name(device: str) -> str:

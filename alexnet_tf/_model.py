@@ -445,7 +445,7 @@ def load_native(model, path) -> None:
 
 # ------------------------------------------------------------------ deployable artifacts
 
-SAVED_MODEL = "alexnet" + CAPABILITIES.exports[0]  # a folder: alexnet_savedmodel
+SAVED_MODEL = "alexnet" + CAPABILITIES.export_endings[0]  # a folder: alexnet_savedmodel
 
 
 def export_artifacts(model, folder) -> list[Path]:

@@ -1,8 +1,9 @@
-"""The contract every backend module (alexnet_pt, alexnet_tf, alexnet_mx, alexnet_onnx) fulfils.
+"""The contract every backend module fulfils, and the registry of backends (``BACKENDS``).
 
 A user switches framework by changing one import; these names mean the same in each.
 Shared behaviour that needs no framework (the layer-summary table, device choice,
-import errors) lives here once and the backends call it.
+import errors) lives here once and the backends call it. This is the one file of ``common``
+that names backends: everything else reads the registry and each backend's ``Capabilities``.
 """
 from __future__ import annotations
 
@@ -40,6 +41,24 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 MATH_MODES = ("fp32", "tf32")
 # The names of an exported artifact's input (float32 NCHW, any batch size) and output (the logits).
 ARTIFACT_INPUT, ARTIFACT_OUTPUT = "input", "logits"
+# Thread-count variables every framework's math libraries read (OpenMP, MKL, OpenBLAS); a backend's
+# ``Capabilities.thread_variables`` adds its framework's own.
+THREAD_COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+# Variables of the OpenMP runtimes that change how any framework threads (recorded by the bench).
+OPENMP_VARIABLES = ("KMP_AFFINITY", "KMP_BLOCKTIME")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A deployable file ``alexnet export`` writes, by the ending of its name. ``consumer`` is how
+    anyone runs it with the framework alone: Python statements that, given ``path`` (the file) and
+    ``INPUT``/``OUTPUT`` (``ARTIFACT_INPUT``/``ARTIFACT_OUTPUT``), define ``run(x)``: float32 numpy
+    in the backend's layout -> logits as numpy. Empty for a file read through another one (MXNet's
+    params beside its symbol). ``needs``: modules the consumer imports beyond the framework."""
+
+    ending: str
+    consumer: str = ""
+    needs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,9 +92,20 @@ class Capabilities:
     speed_ups: tuple[SpeedUp, ...]
     native_suffixes: tuple[str, ...]  # the framework's own checkpoint file endings, first is written
     trains: bool = True  # False for inference-only backends
-    # Deployable artifacts ``alexnet export`` writes (file endings), through the backend's
-    # ``export_artifacts(model, folder)``; each runs with its framework's plain loader, no project code.
-    exports: tuple[str, ...] = ()
+    # Deployable artifacts ``alexnet export`` writes, through the backend's ``export_artifacts(model,
+    # folder)``; each runs with its framework's plain loader (``Artifact.consumer``), no project code.
+    exports: tuple[Artifact, ...] = ()
+    # Environment variables, set before the framework is imported, that take the thread count
+    # (``alexnet bench --threads``), beyond THREAD_COUNT_VARIABLES.
+    thread_variables: tuple[str, ...] = ()
+    # Other variables that change how the framework threads or computes: recorded by the bench when set.
+    recorded_variables: tuple[str, ...] = ()
+    # (math mode, variable, value): what the framework must find in the environment when it is
+    # imported for that float32 math mode (``math_environment``), where a switch after import cannot act.
+    math_variables: tuple[tuple[str, str, str], ...] = ()
+    # Model-zoo containers (``common.zoo``) this backend reads and writes, through its
+    # ``read_container(path)`` and ``write_container(path, arrays)``.
+    containers: tuple[str, ...] = ()
     # The framework's own data-parallel engines (``configure_replicas``); the first is what
     # ``alexnet train --replicas N`` uses on one machine. Empty: one replica only.
     replicas: tuple[ReplicaEngine, ...] = ()
@@ -91,6 +121,9 @@ class Capabilities:
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise ValueError(f"backend {self.name}: unknown {what} {unknown}; allowed {allowed}")
+        modes = {math for math, _, _ in self.math_variables}
+        if modes - set(MATH_MODES):
+            raise ValueError(f"backend {self.name}: math_variables name unknown math modes {sorted(modes - set(MATH_MODES))}")
         gaps = [precision for precision, _ in self.precision_gaps]
         if set(gaps) - set(PRECISIONS) or set(gaps) & set(self.precisions):
             raise ValueError(f"backend {self.name}: precision_gaps {gaps} must name precisions of {PRECISIONS} "
@@ -103,6 +136,11 @@ class Capabilities:
             raise ValueError(f"the {self.framework} backend ({self.name}) {verb} in precision "
                              f"{' or '.join(self.precisions)}, not {precision!r}" + (f": {why}" if why else ""))
         return precision
+
+    @property
+    def export_endings(self) -> tuple[str, ...]:
+        """The endings of the files ``export_artifacts`` writes, in the record's order."""
+        return tuple(artifact.ending for artifact in self.exports)
 
     def check_math_mode(self, math: str) -> str:
         if math not in self.math_modes:
@@ -137,8 +175,8 @@ def _face_path(name: str) -> Path:
 def capabilities(name: str) -> Capabilities:
     """Backend ``name``'s record, as its face declares it, read WITHOUT importing the framework
     (``alexnet --help`` and the bench's parent process never import one). The face's
-    ``CAPABILITIES = Capabilities(...)`` is evaluated with only ``Capabilities``, ``SpeedUp`` and
-    ``ReplicaEngine`` in scope; ``tests/test_layout.py`` checks the result equals the imported module's record."""
+    ``CAPABILITIES = Capabilities(...)`` is evaluated with only ``Capabilities``, ``SpeedUp``,
+    ``ReplicaEngine`` and ``Artifact`` in scope; ``tests/test_layout.py`` checks the result equals the imported module's record."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
     path = _face_path(name)
@@ -146,7 +184,7 @@ def capabilities(name: str) -> Capabilities:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["CAPABILITIES"]:
             code = compile(ast.Expression(node.value), str(path), "eval")
             return eval(code, {"__builtins__": {}, "Capabilities": Capabilities, "SpeedUp": SpeedUp,
-                               "ReplicaEngine": ReplicaEngine})
+                               "ReplicaEngine": ReplicaEngine, "Artifact": Artifact})
     raise ImportError(f"{path}: declares no CAPABILITIES = Capabilities(...)")
 
 
@@ -346,19 +384,81 @@ def choose_device(requested: str, status: GpuStatus, framework: str) -> str:
     return requested
 
 
+def device_helpers(gpu_status, set_math_mode, framework: str):
+    """A backend's ``gpu_available``, ``disable_tf32`` and ``resolve_device``, made from its own
+    ``gpu_status`` and ``set_math_mode``: the same three in every backend, written once."""
+
+    def gpu_available() -> bool:
+        """Whether the framework can compute on a GPU here (``gpu_status`` says why not)."""
+        return gpu_status().usable
+
+    def disable_tf32() -> None:
+        """Full float32 on GPUs whose default is TF32 (parity needs ~1e-6; TF32 keeps 10 mantissa bits)."""
+        set_math_mode("fp32")
+
+    def resolve_device(device: str) -> str:
+        """'auto' | 'cpu' | 'gpu' -> 'cpu' or 'gpu' on this machine (``choose_device``'s rule)."""
+        return choose_device(device, gpu_status(), framework)
+
+    return gpu_available, disable_tf32, resolve_device
+
+
 TF32_OVERRIDE = "NVIDIA_TF32_OVERRIDE"  # "0": cuBLAS and cuDNN refuse TF32, whatever a framework asks
 
 
 def math_environment(math: str) -> dict[str, str]:
     """Environment variables that fix the float32 math mode in a process about to import a
-    framework (they act only when set before the import; MXNet has no other switch). For
-    "tf32", ``NVIDIA_TF32_OVERRIDE`` must also be absent (``apply_math_environment`` removes it)."""
+    framework (they act only when set before the import): CUDA's TF32 override for "fp32", and
+    every backend's ``Capabilities.math_variables`` for ``math``. For "tf32",
+    ``NVIDIA_TF32_OVERRIDE`` must also be absent (``apply_math_environment`` removes it)."""
     if math not in MATH_MODES:
         raise ValueError(f"math mode must be one of {', '.join(MATH_MODES)}, got {math!r}")
-    if math == "fp32":
-        return {TF32_OVERRIDE: "0", "MXNET_CUDA_ALLOW_TENSOR_CORE": "0",
-                "MXNET_CUDA_TENSOR_OP_MATH_ALLOW_CONVERSION": "0"}
-    return {"MXNET_CUDA_ALLOW_TENSOR_CORE": "1"}
+    variables = {TF32_OVERRIDE: "0"} if math == "fp32" else {}
+    for name in BACKENDS:
+        variables.update({variable: value for mode, variable, value in capabilities(name).math_variables
+                          if mode == math})
+    return variables
+
+
+def thread_variables() -> tuple[str, ...]:
+    """The variables the frameworks take their thread counts from, read when they are imported:
+    THREAD_COUNT_VARIABLES and every backend's own (``Capabilities.thread_variables``)."""
+    names = list(THREAD_COUNT_VARIABLES)
+    for backend in BACKENDS:
+        names += [n for n in capabilities(backend).thread_variables if n not in names]
+    return tuple(names)
+
+
+def recorded_variables() -> tuple[str, ...]:
+    """Every variable that changes how some framework threads or computes (the bench records them)."""
+    names = list(thread_variables() + OPENMP_VARIABLES)
+    for backend in BACKENDS:
+        names += [n for n in capabilities(backend).recorded_variables if n not in names]
+    return tuple(names)
+
+
+PLAIN_MODULE = "_plain"  # the book's own code for a backend's framework, inside its package
+
+
+def load_plain(name: str):
+    """Backend ``name``'s ``_plain`` module (the book's code, the baseline of ``bench --baseline``),
+    loaded from its file WITHOUT importing the backend's package: the baseline runs with nothing of
+    this project configured (no thread, memory or math setting of the backend's own)."""
+    path = _face_path(name).with_name(PLAIN_MODULE + ".py")
+    if not path.is_file():
+        raise ImportError(f"{path}: backend {name} has no plain baseline")
+    found = importlib.util.spec_from_file_location(f"{BACKENDS[name]}_plain", path)
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    return module
+
+
+def container_backend(container: str) -> "Backend":
+    """The backend that reads and writes the model-zoo ``container`` (its record's ``containers``)."""
+    for name in BACKENDS:
+        if container in capabilities(name).containers:
+            return load_backend(name)
+    raise ValueError(f"no backend reads {container} files")  # pragma: no cover - a test holds the records
 
 
 def apply_math_environment(math: str, environ: dict | None = None) -> dict:
@@ -436,10 +536,11 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 
 
 __all__ = [
-    "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
+    "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "Artifact", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
     "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
     "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr", "choose_device",
     "effective_math", "exporting_backends", "layer_summary", "load_backend",
-    "math_environment", "prepared_reference", "require_framework", "speed_up_choices", "speed_up_owner",
+    "container_backend", "device_helpers", "load_plain", "math_environment", "prepared_reference", "recorded_variables",
+    "require_framework", "speed_up_choices", "speed_up_owner", "thread_variables",
     "to_spec_input", "training_backends",
 ]

@@ -48,8 +48,7 @@ import numpy as np
 
 from . import ROOT, shapes
 from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_environment, capabilities,
-                      speed_up_owner)
-from .bench_worker import THREAD_COUNT_VARIABLES
+                      speed_up_owner, thread_variables)
 from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        backend_list, default_run_dir, int_list, non_negative_int, positive_int)
 from .io import write_text_atomic
@@ -101,13 +100,13 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                         "input pipeline (default both, alternating, for the real/synthetic ratio)")
     p.add_argument("--data-dir", type=Path, help="folder with the Fashion-MNIST files (for --data real)")
     p.add_argument("--baseline", action="store_true",
-                   help="also time the book's plain code (benchmarks/plain_*.py) and print our ratio to it")
+                   help="also time the book's plain code (each backend's _plain.py) and print our ratio to it")
     add_speed_up_args(p)
     p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
     p.add_argument("--repeat", type=positive_int, default=1,
                    help="run every configuration this many times, round robin (noisy machines)")
     p.add_argument("--threads", type=non_negative_int, metavar="N",
-                   help="threads per framework: sets " + ", ".join(THREAD_COUNT_VARIABLES) + " for the workers "
+                   help="threads per framework: sets " + ", ".join(thread_variables()) + " for the workers "
                         "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")
     p.add_argument("--replicas", type=functools.partial(int_list, name="replicas"), default=(1,), metavar="N,N",
                    help="data-parallel replicas through each framework's own engine, e.g. 1,2: the batch size is "
@@ -205,7 +204,7 @@ def worker_environment(threads: int | None, math: str = "fp32") -> dict[str, str
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     if threads == 0:
         return env
-    for name in THREAD_COUNT_VARIABLES:
+    for name in thread_variables():
         if threads is not None or name not in env:
             env[name] = str(threads or usable_cpus())
     return env
@@ -514,7 +513,7 @@ def _bench(args) -> int:
         environment = machine_environment()
         workers = worker_environment(args.threads, args.math)
         environment.update({
-            "worker_threads_env": {name: workers.get(name) for name in THREAD_COUNT_VARIABLES},
+            "worker_threads_env": {name: workers.get(name) for name in thread_variables()},
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "frameworks": {r["backend"]: r["environment"] for r in rows if r["impl"] == "alexnet"},
         })

@@ -19,7 +19,7 @@ and the update are still queued when the loss is known, and a harness that stopp
 clock there would time them inside the next thing it measures. So every timed step ends
 with the framework's own "wait for everything" (``mx.nd.waitall()``,
 ``torch.cuda.synchronize()``, ``tf.test.experimental.sync_devices()`` on a GPU), for the
-library's steps and the book's plain baselines (``benchmarks/plain_*.py``) alike.
+library's steps and the book's plain baselines (each backend package's ``_plain.py``) alike.
 
 Data: "synthetic" prepares one random uint8 batch once and trains on it again and again (no
 input pipeline at all); "real" takes each step's batch of Fashion-MNIST in the training
@@ -36,7 +36,6 @@ Only this module imports a framework; ``common.bench`` (the parent) never does.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -48,19 +47,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT
+from common.backend import load_plain, recorded_variables
 from common.io import write_text_atomic
 
-PLAIN_DIR = ROOT / "benchmarks"
-# Thread counts the workers get from ``alexnet bench --threads``. MXNet needs this: on x86 it gives
-# its operators half of the CPUs it sees (it assumes hyper-threading), one core of two here, unless
-# OMP_NUM_THREADS or MXNET_OMP_MAX_THREADS is set. The others already use every core; setting it
-# for all keeps them alike.
-THREAD_COUNT_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
-# Recorded in bench.json when set: everything above, and what else changes how a framework threads.
-THREAD_VARIABLES = THREAD_COUNT_VARIABLES + (
-    "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS", "MXNET_OMP_MAX_THREADS", "MXNET_CPU_WORKER_NTHREADS",
-    "MXNET_ENGINE_TYPE", "KMP_AFFINITY", "KMP_BLOCKTIME")
 MATMUL_SECONDS = 1.0  # time spent measuring the matmul rate (at least 3 products)
 
 
@@ -81,17 +70,6 @@ def _timed(call) -> float:
     begin = time.perf_counter()
     call()
     return time.perf_counter() - begin
-
-
-def load_plain(name: str):
-    """benchmarks/plain_<name>.py, the book's code, loaded from its file (it is no package)."""
-    path = PLAIN_DIR / f"plain_{name}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the plain baseline for {name} is missing")
-    spec = importlib.util.spec_from_file_location(f"plain_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def time_inference(evaluate, sync, warmup: int, steps: int) -> tuple[float, list[float]]:
@@ -220,7 +198,7 @@ def _real_stepper(trainer, job: dict, batch: int):
 
 def environment() -> dict:
     """The process's side of the environment (the parent adds the machine's)."""
-    return {"python": platform.python_version(), "threads_env": {k: os.environ[k] for k in THREAD_VARIABLES
+    return {"python": platform.python_version(), "threads_env": {k: os.environ[k] for k in recorded_variables()
                                                                  if k in os.environ}}
 
 

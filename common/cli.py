@@ -353,24 +353,12 @@ def cmd_convert(args) -> int:
 
 
 # ---------------------------------------------------------------- export
-# How a consumer runs each artifact with its framework alone, by the ending of its name (the records'
-# ``exports``); x: float32 numpy in the backend's layout (NHWC for the SavedModel, else NCHW), any batch size.
-ARTIFACT_LOADERS = {
-    ".pt2": "torch.export.load(path).module()(torch.from_numpy(x))",
-    ".onnx": f"onnxruntime.InferenceSession(path).run(None, {{'{ARTIFACT_INPUT}': x}})[0]",
-    "_savedmodel": f"tf.saved_model.load(path).signatures['serving_default']({ARTIFACT_INPUT}=tf.constant(x))"
-                   f"['{ARTIFACT_OUTPUT}']",
-    "-symbol.json": f"mx.gluon.SymbolBlock.imports(path, ['{ARTIFACT_INPUT}'], params_path)(mx.nd.array(x)) "
-                    f"(MXNet 1.9.1 on numpy >= 1.24: numpy.bool = bool before import mxnet)",
-    "-0000.params": "params_path: the weights of the -symbol.json beside it",
-}
-
-
 def artifact_loader(path: Path) -> str:
-    """How a consumer runs ``path``, by the ending of its name."""
-    for ending, loader in ARTIFACT_LOADERS.items():
-        if path.name.endswith(ending):
-            return loader
+    """How a consumer runs ``path`` with its framework alone (its record's ``Artifact.consumer``)."""
+    for name in exporting_backends():
+        for artifact in capabilities(name).exports:
+            if path.name.endswith(artifact.ending):
+                return artifact.consumer or "read through the file beside it"
     raise KeyError(f"{path.name}: no loader known for this artifact")  # pragma: no cover - a test holds the records
 
 
@@ -466,19 +454,21 @@ def cmd_predict(args) -> int:
 
 # ---------------------------------------------------------------- main
 def build_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(prog="alexnet", description="One AlexNet spec in PyTorch, TensorFlow and MXNet.")
+    frameworks = [capabilities(name).framework for name in BACKENDS]
+    parser = OneLineErrorParser(prog="alexnet", description=f"One AlexNet spec in {', '.join(frameworks[:-1])} "
+                                                            f"and {frameworks[-1]}, proven identical.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("summary", help="layer table: shapes per backend, parameters, MACs, memory")
     add_spec_args(p)
-    p.add_argument("--backend", type=summary_backends, default="none", metavar="pt|tf|mx|onnx|all|none",
+    p.add_argument("--backend", type=summary_backends, default="none", metavar="|".join([*BACKENDS, "all", "none"]),
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
     p.add_argument("--batch", type=positive_int, default=1)
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="check every backend against the float64 oracle: layers, loss, gradients, SGD steps")
     add_spec_args(p)
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx")
+    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS))
     p.add_argument("--batch", type=positive_int, default=2)
     p.add_argument("--seed", type=non_negative_int, help="weights and input seed (default: random, printed for replay)")
     p.add_argument("--device", choices=DEVICES, default="cpu")
@@ -494,8 +484,10 @@ def build_parser() -> OneLineErrorParser:
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
                    help="also save the checkpoint after every N-th step inside an epoch (default: at epoch ends)")
     p.add_argument("--replicas", type=positive_int, default=1, metavar="N",
-                   help="synchronous data-parallel replicas through the framework's own engine (PyTorch DDP, "
-                        "tf.distribute, MXNet KVStore); the batch size is split over them (default 1)")
+                   help="synchronous data-parallel replicas through the framework's own engine ("
+                        + ", ".join(f"{n}: {capabilities(n).replicas[0].name}" for n in training_backends()
+                                    if capabilities(n).replicas)
+                        + "); the batch size is split over them (default 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights on Fashion-MNIST's test set, or "
@@ -518,7 +510,7 @@ def build_parser() -> OneLineErrorParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several backends from the same weights on the same batches")
-    p.add_argument("--backends", type=training_backend_list, default="all", metavar="pt,tf,mx")
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar=",".join(training_backends()))
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
@@ -526,26 +518,31 @@ def build_parser() -> OneLineErrorParser:
     from .bench import add_bench_parser
     add_bench_parser(sub)
 
-    loaders = "\n".join(f"  alexnet{ending}: {loader}" for ending, loader in ARTIFACT_LOADERS.items())
+    loaders = "\n".join(f"  alexnet{artifact.ending}: {artifact.consumer}" for name in exporting_backends()
+                        for artifact in capabilities(name).exports if artifact.consumer)
     p = sub.add_parser(
-        "export", help="deployable artifacts (torch.export .pt2, ONNX, TensorFlow SavedModel, MXNet symbol "
-                       "and params) that run without this project",
+        "export", help="deployable artifacts (" + ", ".join(f"{capabilities(n).framework}: "
+                                                            f"{' and '.join(capabilities(n).export_endings)}"
+                                                            for n in exporting_backends())
+                       + ") that run without this project",
         formatter_class=argparse.RawDescriptionHelpFormatter,  # one line per artifact
         description="Write the framework's own deployable files for canonical weights, each taking any batch\n"
                     "size, in inference mode; a consumer needs only the framework. Input "
                     f"'{ARTIFACT_INPUT}' float32 in the\nbackend's layout (NCHW: batch, C, H, W; NHWC: batch, "
-                    f"H, W, C), output '{ARTIFACT_OUTPUT}'. Run them with:\n{loaders}")
+                    f"H, W, C), output '{ARTIFACT_OUTPUT}'. Run them with (INPUT = '{ARTIFACT_INPUT}', OUTPUT = "
+                    f"'{ARTIFACT_OUTPUT}'):\n{loaders}")
     p.add_argument("--backend", required=True, choices=exporting_backends(),
-                   help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).exports)} "
+                   help="; ".join(f"{n}: {' and '.join('alexnet' + e for e in capabilities(n).export_endings)} "
                                   f"({capabilities(n).framework}, input {capabilities(n).layout})"
                                   for n in exporting_backends()))
     p.add_argument("--weights", required=True, type=Path, help="canonical .npz (a training checkpoint works)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     add_spec_args(p)
     p.set_defaults(func=cmd_export)
-    p = sub.add_parser("convert", help="convert weights between .npz, PyTorch/Keras/Gluon checkpoints, .onnx and "
-                                       "the torchvision / Gluon model-zoo AlexNet files")
-    p.add_argument("src", help="input file: .npz, .pt/.pth, .weights.h5, .params or .onnx; a torchvision or Gluon "
+    suffixes = ", ".join(suffix for name in BACKENDS for suffix in capabilities(name).native_suffixes)
+    p = sub.add_parser("convert", help="convert weights between .npz, the backends' own checkpoints and the "
+                                       "torchvision / Gluon model-zoo AlexNet files")
+    p.add_argument("src", help=f"input file: .npz or a backend's checkpoint ({suffixes}); a torchvision or Gluon "
                                "model-zoo AlexNet file is recognised by its keys")
     p.add_argument("dst", help="output file, format by its suffix (or --zoo)")
     p.add_argument("--zoo", choices=list(zoo.WRITE_FORMATS),

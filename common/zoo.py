@@ -17,9 +17,9 @@ keys and copies arrays; no value changes, and round trips are exact.
 A file's format is recognised by its keys (the container by its first bytes), not by its
 name. A file of another architecture is refused with one line naming the first missing,
 mis-shaped or extra key. PyTorch files are read with ``torch.load(weights_only=True)``
-(no pickled code runs), torch imported only inside the functions that need it; MXNet files
-through the MXNet backend's ``read_params`` / ``write_params`` (``mx.nd.load`` / ``mx.nd.save``),
-so that one reader serves this module and ``alexnet_mx.load_native``.
+(no pickled code runs). Each container is read and written by the backend whose record lists it
+(``Capabilities.containers``: ``read_container`` / ``write_container``), so one reader serves this
+module and that backend's own checkpoints, and this module imports no framework.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .backend import container_backend
 from .io import atomic_path
 from .spec import ModelSpec, torchvision_alexnet
 from .weights import DTYPE, WeightsError, _dtype_name, check_weights, expected_shapes
@@ -116,34 +117,15 @@ def container_of(path: str | os.PathLike) -> str | None:
     return None
 
 
-def _mx_backend():
-    """The MXNet backend, which reads and writes ``.params`` files for this module (``read_params``,
-    ``write_params``): MXNet is imported there only, after the numpy shim it needs."""
-    from .backend import load_backend
-
-    return load_backend("mx")
-
-
 def read_arrays(path: str | os.PathLike) -> tuple[str, dict[str, object]]:
     """(container, {key: tensor or NDArray}) of a PyTorch state_dict file or an MXNet .params file."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
     container = container_of(path)
-    if container == TORCH:
-        import torch
-
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # UnpicklingError (code refused), RuntimeError, EOFError ...
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise WeightsError(f"{path}: not a loadable PyTorch state_dict ({type(error).__name__}: {first})") from None
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise WeightsError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
-        return container, dict(state)
-    if container == MXNET:
-        return container, _mx_backend().read_params(path)
-    raise WeightsError(f"{path}: neither a PyTorch state_dict nor an MXNet .params file")
+    if container is None:
+        raise WeightsError(f"{path}: neither a PyTorch state_dict nor an MXNet .params file")
+    return container, dict(container_backend(container).read_container(path))
 
 
 def recognise(keys, container: str | None = None) -> ZooFormat | None:
@@ -246,15 +228,7 @@ def write_zoo(path: str | os.PathLike, weights: Mapping[str, np.ndarray], fmt: Z
         raise WeightsError(f"{path}: {fmt.title} files end in {' or '.join(fmt.suffixes)}")
     _layers_match(spec, fmt)
     check_weights(spec, weights, source="weights")
-    native = from_canonical(weights, fmt)
-    if fmt.container == TORCH:
-        import torch
-
-        state = OrderedDict((key, torch.from_numpy(value.copy())) for key, value in native.items())
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    else:
-        _mx_backend().write_params(path, native)
+    container_backend(fmt.container).write_container(path, from_canonical(weights, fmt))
     return path
 
 

@@ -656,7 +656,7 @@ def markdown(s: dict) -> str:
                 _table(["precision", "math", "variant", "batch", "train img/s", "vs plain", "infer img/s", "MFU"],
                        rows), "",
                 "Each speed-up flipped against the default; *plain (book)* is the book's PyTorch code "
-                "(benchmarks/plain_pt.py) in the same math mode, float32 only.", ""]
+                "(alexnet_pt/_plain.py) in the same math mode, float32 only.", ""]
     kernels = s.get("kernels")
     if kernels and kernels.get("lines"):
         out += [f"## Where a {kernels['precision']} step's time goes (`benchmarks/profile_pt.py`, batch "

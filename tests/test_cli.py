@@ -11,7 +11,7 @@ from common.cli import main
 from common.spec import book_alexnet
 from common.weights import (GOOD_STEPS_KEY, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, LOSS_SCALED_PRECISIONS, init_weights,
                             read_npz, save_weights)
-from tests.conftest import REAL_DATA
+from tests.conftest import REAL_DATA, TRAINING_BACKENDS
 
 
 def run(*args):
@@ -45,7 +45,7 @@ def test_too_small_input_is_a_one_line_error():
 @pytest.mark.parametrize("args, message", [
     (["summary", "--input", "1,a,3"], "--input (C,H,W) must be comma-separated integers"),
     (["summary", "--input", "1,224"], "needs 3 comma-separated integers"),
-    (["summary", "--backend", "jax"], "unknown backend(s) ['jax']"),
+    (["summary", "--backend", "caffe"], "unknown backend(s) ['caffe']"),
     (["train", "--backend", "pt", "--epochs", "0"], "argument --epochs: must be a positive integer, got '0'"),
 ])
 def test_bad_flags_name_the_flag(args, message):
@@ -57,7 +57,7 @@ def test_parity_command_passes_on_this_cpu(all_backends, capsys):
     assert main(["parity", "--input", "1,65,65", "--seed", "7"]) == 0
     out = capsys.readouterr().out
     assert "seed 7" in out and "PASS" in out and "FAIL" not in out
-    assert all(name in out for name in ("pt", "tf", "mx"))
+    assert all(name in out for name in TRAINING_BACKENDS)
 
 
 def test_convert_round_trip_through_every_native_format(all_backends, tmp_path, capsys):
@@ -100,17 +100,17 @@ def test_train_then_evaluate_on_real_data(backend, tmp_path, capsys):
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
 def test_compare_trains_every_backend_on_the_same_batches(all_backends, tmp_path, capsys):
     run_dir = tmp_path / "cmp"
-    assert main(["compare", "--backends", "pt,tf,mx", "--input-size", "65", "--epochs", "1", "--limit-train", "32",
+    assert main(["compare", "--backends", ",".join(TRAINING_BACKENDS), "--input-size", "65", "--epochs", "1", "--limit-train", "32",
                  "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA), "--no-progress",
                  "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    assert all(f"\n{name} " in out for name in ("pt", "tf", "mx"))
+    assert all(f"\n{name} " in out for name in TRAINING_BACKENDS)
     assert (run_dir / "compare.png").read_bytes()[:4] == b"\x89PNG"
     histories = json.loads((run_dir / "compare.json").read_text())
-    assert sorted(histories) == ["mx", "pt", "tf"]
-    first_losses = [histories[name]["epochs"][0]["train_loss"] for name in ("pt", "tf", "mx")]
+    assert sorted(histories) == sorted(TRAINING_BACKENDS)
+    first_losses = [histories[name]["epochs"][0]["train_loss"] for name in TRAINING_BACKENDS]
     assert max(first_losses) - min(first_losses) < 0.05  # same start, same batches: close (dropout differs)
-    for name in ("pt", "tf", "mx"):  # every row says where and how it computed
+    for name in TRAINING_BACKENDS:  # every row says where and how it computed
         assert histories[name]["device"].startswith("cpu: ") and histories[name]["math"] == "fp32"
         assert histories[name]["precision"] == "fp32"
     assert "cpu: " in out

@@ -4,6 +4,8 @@ every backend package has the same files in the same roles, and the import graph
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,11 @@ from common.backend import BACKENDS, capabilities
 
 PACKAGES = ("common", *BACKENDS.values())
 BACKEND_FILES = {"__init__.py", "_framework.py", "_model.py", "_trainer.py"}
+TRAINING_FILES = {"_trainer.py", "_plain.py"}  # the optimizer step; the book's own code, bench --baseline's yardstick
 OPTIONAL_BACKEND_FILES = {"_layers.py"}  # only where the framework lacks a layer
 # The library part: what a user's own script builds on. It never imports the application part
 # (the CLI, bench, plots, the training loop's files and reports), so it stays small and importable alone.
-LIBRARY = {"common", "common.spec", "common.shapes", "common.weights", "common.reference", "common.parity",
+LIBRARY = {"common", "common.errors", "common.spec", "common.shapes", "common.weights", "common.reference", "common.parity",
            "common.backend", "common.io", "common.report", "common.data", "common.machine", "common.zoo",
            "common.images", "common.replicas"}
 APPLICATION = {"common.train", "common.plots", "common.cli", "common.cli_args", "common.bench",
@@ -112,7 +115,7 @@ def test_the_library_never_imports_the_application():
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_backend_packages_have_the_same_files(name):
     files = {path.name for path in (ROOT / BACKENDS[name]).glob("*.py")}
-    expected = set(BACKEND_FILES) if capabilities(name).trains else BACKEND_FILES - {"_trainer.py"}
+    expected = BACKEND_FILES | TRAINING_FILES if capabilities(name).trains else BACKEND_FILES - TRAINING_FILES
     assert expected <= files and not files - expected - OPTIONAL_BACKEND_FILES, sorted(files)
 
 
@@ -132,3 +135,32 @@ def test_common_names_no_backend(name):
         text = path.read_text()
         for needle in (f'== "{name}"', f'NAME == "{name}"', f"backend == '{name}'"):
             assert needle not in text, f"{path.relative_to(ROOT)} branches on backend {name!r}"
+
+
+# Where a backend may be named: its registry line, the package list and extra, the setup and GPU scripts,
+# and the documentation. Everything else reads the registry and the records.
+NAMING_ALLOWED = ("common/backend.py", "pyproject.toml", "scripts/", "docs/", "README.md", "mkdocs.yml")
+
+
+def tracked_files() -> list[str]:
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode != 0:  # an installed package, not a checkout: nothing to check
+        pytest.skip("not a git checkout")
+    return [name for name in listed.stdout.splitlines() if (ROOT / name).is_file()]
+
+
+def naming(name: str) -> re.Pattern:
+    """A backend named in code: its name quoted, or its package."""
+    return re.compile(rf"""(["']{name}["']|\b{BACKENDS[name]}\b)""")
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_no_file_of_common_but_the_registry_names_a_backend(name):
+    offending = [path for path in tracked_files() if path.startswith("common/") and path.endswith(".py")
+                 and path != "common/backend.py" and naming(name).search((ROOT / path).read_text())]
+    assert not offending, f"{offending} name backend {name!r}: read the registry or the record instead"
+
+
+def test_the_naming_check_finds_a_planted_name(tmp_path):
+    planted = "if backend == 'mx':\n    import alexnet_mx\n"
+    assert naming("mx").search(planted) and not naming("pt").search(planted)

@@ -17,7 +17,7 @@ import pytest
 from common.cli import main
 from common.parity import build_oracle, compare
 from common.spec import AdaptiveAvgPool2d, Dense, ModelSpec, paper_alexnet
-from tests.conftest import get_backend
+from tests.conftest import TRAINING_BACKENDS, get_backend
 
 
 def mutant_target() -> ModelSpec:
@@ -171,7 +171,7 @@ def test_a_weight_decay_bug_fails_the_steps_only(oracle, monkeypatch, overrides,
     assert failed(report, "steps") == list(oracle.grads), report.text
 
 
-@pytest.mark.parametrize("name", ["pt", "tf", "mx"])
+@pytest.mark.parametrize("name", TRAINING_BACKENDS)
 def test_momentum_off_fails_every_parameters_step_in_each_backend_alone(oracle, monkeypatch, name):
     backend = get_backend(name)
     plant_in_trainer(monkeypatch, backend, momentum=0.0)

@@ -37,7 +37,7 @@ from common.launch import Process, replica_processes, run_processes
 from common.replicas import ReplicaGroup, check_replicas, free_port, replica_seed, shard, shard_bounds
 from common.spec import book_alexnet
 from common.weights import GOOD_STEPS_KEY, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, init_weights
-from tests.conftest import REQUIRE_ALL
+from tests.conftest import REQUIRE_ALL, TRAINING_BACKENDS
 
 WORKER = str(Path(__file__).with_name("replica_worker.py"))
 WEIGHT_TOL, MOMENTUM_TOL, LOSS_RTOL = 1e-6, 1e-5, 1e-5
@@ -348,7 +348,7 @@ def _weights(run: Path) -> dict[str, np.ndarray]:
 
 
 @needs_data
-@pytest.mark.parametrize("name", ["pt", "tf", "mx"])
+@pytest.mark.parametrize("name", TRAINING_BACKENDS)
 def test_train_with_two_replicas_writes_one_run_equal_to_one_replica(name, tmp_path):
     """3 steps of 8, 8 and 4 images (limit 20): the run directory of 2 replicas holds the numbers of 1."""
     get_backend(name)
