@@ -40,8 +40,8 @@ from typing import Mapping
 
 import numpy as np
 
-from common.backend import checked_lr
-from common.replicas import SINGLE, check_replicas, replica_seed, shard_bounds
+from common.backend import TrainerBase
+from common.replicas import SINGLE, replica_seed, shard_bounds
 from common.weights import MOMENTUM_PREFIX, momentum_buffers, split_loss_scale
 
 from . import CAPABILITIES
@@ -97,22 +97,21 @@ class _PyTorchSGD(mx.optimizer.Optimizer):
         mx.nd.sgd_update(weight, state, lr=lr, wd=0.0, rescale_grad=1.0, out=weight)
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """One model's gluon.Trainer and steps; semantics of the contract's Trainer protocol."""
+
+    CAPABILITIES = CAPABILITIES
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  hybridize: bool | None = None, precision: str = "fp32", replicas: int = 1):
-        self.model = _check_model(model)
-        self.replicas = check_replicas(replicas)
+        super().__init__(_check_model(model), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         precision=precision, replicas=replicas)
         self.group = replica_group() if replicas > 1 else SINGLE
         self.contexts = model.contexts
         if len(self.contexts) != self.group.local_replicas or self.group.replicas != replicas:
             raise ValueError(f"replicas={replicas}, but the model was built on {len(self.contexts)} context(s) for "
                              f"{self.group.replicas} replica(s): call alexnet_mx.configure_replicas({replicas}) "
                              "before building it")
-        if lr <= 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"need lr > 0, momentum >= 0, weight_decay >= 0; got {lr}, {momentum}, {weight_decay}")
-        self.precision = CAPABILITIES.check_precision(precision)
         # build() hybridizes every model with static memory and shapes (Gluon's fast path); None
         # keeps that, False runs the blocks imperatively (to measure what hybridizing buys).
         if hybridize is not None:
@@ -121,9 +120,8 @@ class Trainer:
             else:
                 model.hybridize(active=False)
         self.hybridize = bool(model._active)
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self._loss = gluon.loss.SoftmaxCrossEntropyLoss()
-        self._optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=checked_lr(lr), wd=self.weight_decay)
+        self._optimizer = _PyTorchSGD(momentum=self.momentum, learning_rate=float(lr), wd=self.weight_decay)
         # One device: no kvstore, updates run locally through the updater. Replicas: the KVStore sums
         # the gradients and applies the optimizer (update_on_kvstore). Either way the optimizer's
         # buffers are PyTorch's buf (with dist_sync, on the servers: not here).
@@ -137,19 +135,11 @@ class Trainer:
         self._index = {name: index[id(p)] for name, p in _canonical_params(model).items()}
         self._resize: dict[tuple[int, int], tuple] = {}
 
-    @property
-    def options(self) -> dict[str, object]:
-        """The speed options in effect, as ``alexnet bench`` records them."""
-        return {"hybridize": self.hybridize, "precision": self.precision}
-
-    @property
-    def lr(self) -> float:
+    def _read_lr(self) -> float:
         return float(self._trainer.learning_rate)
 
-    @lr.setter
-    def lr(self, value: float) -> None:
-        """Change the learning rate of the next steps (gluon.Trainer's own), momentum buffers untouched."""
-        self._trainer.set_learning_rate(checked_lr(value))
+    def _write_lr(self, value: float) -> None:
+        self._trainer.set_learning_rate(value)
 
     # ------------------------------------------------------------ data
 
@@ -236,9 +226,8 @@ class Trainer:
         kvstore.pull(SUM_KEY, out=out)
         return out.asnumpy().tolist()
 
-    def agree(self, flag: bool) -> bool:
-        """Whether any process passes ``flag`` true (all call this at the same step): one stop decision for all."""
-        return self._summed(float(bool(flag)), 0.0)[0] > 0
+    def _any_process(self, flag: bool) -> bool:
+        return self._summed(float(flag), 0.0)[0] > 0
 
     def eval_step(self, x, labels) -> tuple[float, int]:
         """Inference mode; (summed loss, correct predictions)."""

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.backend import checked_lr
-from common.replicas import SINGLE, check_replicas, replica_seed, shard
+from common.backend import TrainerBase
+from common.replicas import SINGLE, replica_seed, shard
 from common.weights import (DTYPE, LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL,
                             LOSS_SCALED_PRECISIONS, MOMENTUM_PREFIX, loss_scale_entries, momentum_buffers,
                             split_loss_scale)
@@ -57,14 +57,16 @@ from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_f
                      prefers_channels_last, stem)
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
+
+    CAPABILITIES = CAPABILITIES
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  channels_last: bool | None = None, compile: bool | None = None, stem_matmul: bool | None = None,
                  precision: str = "fp32", replicas: int = 1):
-        self.model = model
-        self.replicas = check_replicas(replicas)
+        super().__init__(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
+                         replicas=replicas)
         self.group = replica_group() if replicas > 1 else SINGLE
         if replicas > 1 and self.group.replicas != replicas:
             raise ValueError(f"replicas={replicas} needs a process group of {replicas} processes "
@@ -72,8 +74,6 @@ class Trainer:
                              f"{'none' if self.group.replicas == 1 else f'one of {self.group.replicas}'}")
         self.spec = model_spec(model)
         self.device = model_device(model)
-        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
-        self.precision = CAPABILITIES.check_precision(precision)
         self.channels_last = prefers_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
         self.compile = bool(compile)
         self.stem_matmul = bool(stem_matmul)
@@ -102,20 +102,10 @@ class Trainer:
         )
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    @property
-    def options(self) -> dict[str, object]:
-        """The speed options in effect (defaults resolved), as ``alexnet bench`` records them."""
-        return {"channels_last": self.channels_last, "compile": self.compile, "stem_matmul": self.stem_matmul,
-                "precision": self.precision}
-
-    @property
-    def lr(self) -> float:
+    def _read_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    @lr.setter
-    def lr(self, value: float) -> None:
-        """Change the learning rate (e.g. a schedule) without touching the momentum buffers."""
-        value = checked_lr(value)
+    def _write_lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
@@ -191,9 +181,8 @@ class Trainer:
         dist.all_reduce(totals)
         return totals.tolist()
 
-    def agree(self, flag: bool) -> bool:
-        """Whether any process passes ``flag`` true (all call this at the same step): one stop decision for all."""
-        return self._summed(float(bool(flag)))[0] > 0
+    def _any_process(self, flag: bool) -> bool:
+        return self._summed(float(flag))[0] > 0
 
     def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
         """One SGD step on the (global) batch; returns (mean loss, correct predictions before the step)."""

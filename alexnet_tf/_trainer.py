@@ -36,8 +36,8 @@ from typing import Mapping
 
 import numpy as np
 
-from common.backend import checked_lr
-from common.replicas import SINGLE, check_replicas, replica_seed
+from common.backend import TrainerBase
+from common.replicas import SINGLE, replica_seed
 from common.weights import (LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, LOSS_SCALED_PRECISIONS,
                             MOMENTUM_PREFIX, loss_scale_entries, momentum_buffers, split_loss_scale)
 
@@ -84,19 +84,17 @@ def _compute_policy(model, policy: str | None):
             layer.dtype_policy = old
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """One model's SGD state and compiled steps (see ``common.backend.Trainer``)."""
+
+    CAPABILITIES = CAPABILITIES
 
     def __init__(self, model, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  jit_compile: bool | None = None, precision: str = "fp32", replicas: int = 1):
-        for what, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{what} must be a number >= 0, got {value!r}")
-        self.precision = CAPABILITIES.check_precision(precision)
-        self.model = model
+        super().__init__(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
+                         replicas=replicas)
         self.spec = spec_of(model)
         self.device = device_of(model)
-        self.replicas = check_replicas(replicas)
         self._strategy = strategy_of(model)
         if replicas > 1 and (self._strategy is None or self._strategy.num_replicas_in_sync != replicas):
             have = 1 if self._strategy is None else self._strategy.num_replicas_in_sync
@@ -109,8 +107,6 @@ class Trainer:
         if replicas > 1 and jit_compile:
             raise ValueError("XLA (jit_compile) is not used with replicas: tf.distribute's custom loop runs uncompiled")
         self.jit_compile = (xla_by_default(self.device) if jit_compile is None else bool(jit_compile)) and replicas == 1
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
         self._params = params(model)
         self._variables = [p.variable for p in self._params]
         with self._scope(), tf.device(self.device):
@@ -139,20 +135,12 @@ class Trainer:
     def _scope(self):
         return self._strategy.scope() if self._strategy is not None else contextlib.nullcontext()
 
-    @property
-    def options(self) -> dict[str, object]:
-        """The speed options in effect (defaults resolved), as ``alexnet bench`` records them."""
-        return {"xla": self.jit_compile, "precision": self.precision}
-
     # ----------------------------------------------------------------- hyper-parameters
-    @property
-    def lr(self) -> float:
+    def _read_lr(self) -> float:
         return float(self._lr.numpy())
 
-    @lr.setter
-    def lr(self, value: float) -> None:
-        """Change the learning rate without retracing the compiled step."""
-        self._lr.assign(checked_lr(value))
+    def _write_lr(self, value: float) -> None:
+        self._lr.assign(value)  # a variable: the compiled step is not traced again
 
     # ---------------------------------------------------------------- compiled bodies
     def _train_fn(self, x, labels, seed):
@@ -235,12 +223,8 @@ class Trainer:
         """How many replicas were given a true ``flag`` (ReduceOp has no MAX: a sum does)."""
         return self._strategy.reduce(tf.distribute.ReduceOp.SUM, self._strategy.run(lambda: flag), axis=None)
 
-    def agree(self, flag: bool) -> bool:
-        """Whether any process of the group passes ``flag`` true (every process calls this at the same
-        step; with one process, ``flag`` itself)."""
-        if self.group.processes == 1:
-            return bool(flag)
-        return int(self._any(tf.constant(int(bool(flag)), tf.int32))) > 0
+    def _any_process(self, flag: bool) -> bool:
+        return int(self._any(tf.constant(int(flag), tf.int32))) > 0
 
     def _eval_fn(self, x, labels):
         with tf.device(self.device):

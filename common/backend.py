@@ -20,7 +20,7 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 
 from . import shapes
-from .replicas import ReplicaEngine
+from .replicas import ReplicaEngine, check_replicas
 from .report import format_table
 from .spec import ModelSpec
 
@@ -223,11 +223,21 @@ class DeviceError(RuntimeError):
 
 
 class Trainer(Protocol):
-    """One model's optimizer and compiled steps. Built by ``backend.make_trainer``.
+    """One model's optimizer and compiled steps. Built by ``backend.make_trainer``; everything
+    ``common.train`` and the bench call (``TrainerBase`` carries what needs no framework).
 
     Semantics are PyTorch's SGD in every backend: loss is the batch-mean softmax cross
     entropy; g = grad + weight_decay * w; buf = momentum * buf + g; w -= lr * buf.
     """
+
+    lr: float  # settable between steps (checked_lr's rule)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The resolved speed options by speed-up name, and the precision."""
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any replica process passes ``flag`` true (all call it at the same step)."""
 
     def prepare(self, images: np.ndarray) -> Any:
         """uint8 (N, 28, 28) -> normalised float input at the spec's size, on the model's device,
@@ -323,13 +333,77 @@ def prepared_reference(images: np.ndarray, spec: ModelSpec, layout: str) -> np.n
     return x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
+
+
 def checked_lr(value) -> float:
-    """The learning rate a ``Trainer.lr`` setter accepts, the same in every backend: a finite
-    number >= 0 (0 freezes the weights; NaN or infinity would ruin them at the next step)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-            or not (np.isfinite(value) and value >= 0):
-        raise ValueError(f"lr must be >= 0 and finite, got {value!r}")
+    """The learning rate, by one rule everywhere (``make_trainer``, ``Trainer.lr``, ``fit``, the CLI):
+    a finite number > 0 (NaN or infinity would ruin the weights at the next step)."""
+    if not (_is_number(value) and np.isfinite(value) and value > 0):
+        raise ValueError(f"lr must be a positive number, got {value!r}")
     return float(value)
+
+
+def checked_momentum(value) -> float:
+    """Momentum in [0, 1): 1 or more makes the buffers grow without bound."""
+    if not (_is_number(value) and np.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def checked_weight_decay(value) -> float:
+    """Weight decay: a finite number >= 0."""
+    if not (_is_number(value) and np.isfinite(value) and value >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class TrainerBase:
+    """What every backend's Trainer shares, written once: the hyper-parameters checked by one rule,
+    the precision checked against the record, and the protocol's ``options``, ``lr`` and ``agree``
+    on top of three small hooks each backend writes in its framework's terms: ``_read_lr``,
+    ``_write_lr`` and ``_any_process`` (only called with several processes)."""
+
+    CAPABILITIES: Capabilities  # the backend's record (a class attribute of the subclass)
+    group: Any  # the ReplicaGroup the subclass sets up (common.replicas)
+
+    def __init__(self, model: Any, *, lr: float, momentum: float, weight_decay: float, precision: str,
+                 replicas: int):
+        self.model = model
+        checked_lr(lr)
+        self.momentum, self.weight_decay = checked_momentum(momentum), checked_weight_decay(weight_decay)
+        self.precision = self.CAPABILITIES.check_precision(precision)
+        self.replicas = check_replicas(replicas)
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The speed options in effect (defaults resolved), by speed-up name, and the precision:
+        what ``alexnet bench`` records and a resumed run must share."""
+        return {**{s.name: getattr(self, s.keyword) for s in self.CAPABILITIES.speed_ups}, "precision": self.precision}
+
+    @property
+    def lr(self) -> float:
+        return self._read_lr()
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        """Change the learning rate of the next steps (a schedule), momentum buffers untouched."""
+        self._write_lr(checked_lr(value))
+
+    def agree(self, flag: bool) -> bool:
+        """Whether any process of the replica group passes ``flag`` true (every process calls this at
+        the same step): one stop decision for all; with one process, ``flag`` itself."""
+        return bool(flag) if self.group.processes == 1 else self._any_process(bool(flag))
+
+    def _read_lr(self) -> float:
+        raise NotImplementedError
+
+    def _write_lr(self, value: float) -> None:
+        raise NotImplementedError
+
+    def _any_process(self, flag: bool) -> bool:
+        raise NotImplementedError
 
 
 def load_backend(name: str) -> Backend:
@@ -538,7 +612,8 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 __all__ = [
     "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "Artifact", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
     "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
-    "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr", "choose_device",
+    "TrainerBase", "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr",
+    "checked_momentum", "checked_weight_decay", "choose_device",
     "effective_math", "exporting_backends", "layer_summary", "load_backend",
     "container_backend", "device_helpers", "load_plain", "math_environment", "prepared_reference", "recorded_variables",
     "require_framework", "speed_up_choices", "speed_up_owner", "thread_variables",

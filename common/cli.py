@@ -22,7 +22,7 @@ from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, Device
                       capabilities, exporting_backends, load_backend, training_backends)
 from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
-                       default_run_dir, dropout_rate, momentum_value, non_negative_float, non_negative_int, positive_float,
+                       default_run_dir, dropout_rate, lr_value, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
 from .io import write_text_atomic
 from .report import format_table, human_bytes
@@ -94,7 +94,7 @@ def cmd_parity(args) -> int:
 def _add_train_args(parser):
     parser.add_argument("--epochs", type=positive_int, default=10)
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=positive_float, default=0.01, help="learning rate (default 0.01)")
+    parser.add_argument("--lr", type=lr_value, default=0.01, help="learning rate (default 0.01)")
     parser.add_argument("--momentum", type=momentum_value, default=0.0,
                         help="in [0, 1); the 2012 paper used 0.9 (default 0: the book's)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.0,

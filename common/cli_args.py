@@ -11,7 +11,7 @@ import math
 import time
 from pathlib import Path
 
-from .backend import (BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, capabilities, speed_up_choices, speed_up_owner,
+from .backend import (BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, capabilities, checked_lr, speed_up_choices, speed_up_owner,
                       training_backends)
 from .spec import VARIANTS, get_spec
 
@@ -48,6 +48,14 @@ def positive_float(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
     return value
+
+
+def lr_value(text: str) -> float:
+    """--lr: the one rule for learning rates (``common.backend.checked_lr``)."""
+    try:
+        return checked_lr(_number(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def non_negative_float(text: str) -> float:

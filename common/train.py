@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from . import data as fmnist
-from .backend import effective_math
+from .backend import checked_lr, checked_momentum, checked_weight_decay, effective_math
 from .io import check_writable, remove_stale_temporaries, write_text_atomic
 from .replicas import SINGLE, check_replicas
 from .machine import cpu_model
@@ -62,10 +62,6 @@ class TrainingError(RuntimeError):
 
 class DivergedError(TrainingError):
     """A training loss, test loss or weight became NaN or infinite; the last finite checkpoint is kept."""
-
-
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -105,12 +101,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        if not (_finite_number(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if not (_finite_number(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}")
-        if not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        checked_lr(self.lr), checked_momentum(self.momentum), checked_weight_decay(self.weight_decay)
 
     @classmethod
     def of(cls, backend: str, spec, **settings) -> "TrainConfig":

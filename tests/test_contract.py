@@ -67,3 +67,22 @@ def test_a_precision_gap_is_refused_with_its_reason_in_one_line():
     for gaps in ((("fp32", "why"),), (("int8", "why"),)):
         with pytest.raises(ValueError, match="precision_gaps"):
             Capabilities(**record, precisions=("fp32",), precision_gaps=gaps)
+
+
+def test_make_trainer_checks_hyper_parameters_by_the_one_rule_in_every_backend(backend):
+    """The shared base (common.backend.TrainerBase) checks them before any framework state is made."""
+    import pytest
+
+    from common.spec import book_alexnet
+
+    model = backend.build(book_alexnet().with_input(1, 65, 65), seed=0, device="cpu")
+    for bad, message in ((dict(lr=float("nan")), r"^lr must be a positive number, got nan$"),
+                         (dict(lr=0.0), r"^lr must be a positive number, got 0.0$"),
+                         (dict(lr=0.01, momentum=1.5), r"^momentum must be in \[0, 1\), got 1.5$"),
+                         (dict(lr=0.01, weight_decay=-1.0), r"^weight_decay must be a finite number >= 0, got -1.0$")):
+        with pytest.raises(ValueError, match=message):
+            backend.make_trainer(model, **bad)
+    trainer = backend.make_trainer(model, lr=0.02, momentum=0.5)
+    assert trainer.lr == pytest.approx(0.02) and trainer.agree(True) and not trainer.agree(False)
+    speed_ups = {s.name for s in backend.CAPABILITIES.speed_ups}
+    assert set(trainer.options) == speed_ups | {"precision"} and trainer.options["precision"] == "fp32"
