@@ -78,7 +78,7 @@ class _AdaptiveAvgPool2d(gluon.HybridBlock):
         return F.contrib.AdaptiveAvgPooling2D(x, output_size=self._output_size)
 
 
-def _make_block(layer, in_channels: dict[str, int], fan_in: dict[str, int]):
+def _native_layer(layer, in_channels: dict[str, int], fan_in: dict[str, int]):
     """One Gluon block for one spec layer; every size comes from the spec or common.shapes."""
     prefix = f"{layer.name}_"
     if isinstance(layer, Conv2d):
@@ -117,7 +117,7 @@ class AlexNet(gluon.HybridBlock):
         self.layer_blocks: list[tuple[str, gluon.HybridBlock]] = []
         with self.name_scope():
             for layer in spec.layers:
-                block = _make_block(layer, in_channels, fan_in)
+                block = _native_layer(layer, in_channels, fan_in)
                 self.register_child(block, layer.name)
                 self.layer_blocks.append((layer.name, block))
 
@@ -168,7 +168,7 @@ def model_spec(model) -> ModelSpec:
     return _check_model(model).spec
 
 
-def _to_input(model: AlexNet, x) -> "mx.nd.NDArray":
+def as_input(model: AlexNet, x) -> "mx.nd.NDArray":
     if isinstance(x, mx.nd.NDArray):
         x = x.as_in_context(model.ctx)
         return x if x.dtype == np.float32 else x.astype("float32")
@@ -188,7 +188,7 @@ def forward(model, x, *, training: bool = False, capture: bool = False):
     paths agree exactly with the whole hybridized graph (checked in tests).
     """
     model = _check_model(model)
-    data = _to_input(model, x)
+    data = as_input(model, x)
     scope = mx.autograd.train_mode() if training else mx.autograd.predict_mode()
     with scope:
         if not capture:
@@ -247,7 +247,7 @@ def _labels(labels, ctx) -> "mx.nd.NDArray":
 def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     """Mean softmax cross-entropy and its gradients (canonical names and layout), in training mode."""
     model = _check_model(model)
-    data, target = _to_input(model, x), _labels(labels, model.ctx)
+    data, target = as_input(model, x), _labels(labels, model.ctx)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     with mx.autograd.record(train_mode=True):
         loss = loss_fn(model(data), target).mean()

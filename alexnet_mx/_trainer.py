@@ -46,7 +46,7 @@ from common.weights import MOMENTUM_PREFIX, momentum_buffers, split_loss_scale
 
 from . import CAPABILITIES
 from ._framework import mx, replica_group, replica_kvstore
-from ._model import AlexNet, _canonical_params, _check_model, _labels, _to_input
+from ._model import AlexNet, _canonical_params, _check_model, _labels, as_input
 
 gluon = mx.gluon
 
@@ -170,7 +170,7 @@ class Trainer(TrainerBase):
 
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
         """One SGD step on the batch-mean loss; dropout masks are a function of ``seed`` only."""
-        data, target = _to_input(self.model, x), _labels(labels, self.model.ctx)
+        data, target = as_input(self.model, x), _labels(labels, self.model.ctx)
         if self.replicas > 1:
             return self._replicated_step(data, target, seed)
         mx.random.seed(int(seed))  # every context: the dropout masks of this step depend on seed alone
@@ -231,7 +231,7 @@ class Trainer(TrainerBase):
 
     def eval_step(self, x, labels) -> tuple[float, int]:
         """Inference mode; (summed loss, correct predictions)."""
-        data, target = _to_input(self.model, x), _labels(labels, self.model.ctx)
+        data, target = as_input(self.model, x), _labels(labels, self.model.ctx)
         with mx.autograd.predict_mode():
             logits = self.model(data)
             loss = self._loss(logits, target).sum()

@@ -126,7 +126,7 @@ def _adaptive_avg_pool(layer: S.AdaptiveAvgPool2d, x: str, out: str, in_hw: tupl
     return nodes
 
 
-def _layer_nodes(layer, x: str, out: str, in_shape: tuple[int, ...]) -> list:
+def _native_layer(layer, x: str, out: str, in_shape: tuple[int, ...]) -> list:
     """The ONNX nodes of one spec layer, reading tensor ``x`` (NCHW) and writing ``out``."""
     if isinstance(layer, S.Conv2d):
         (ph, pw) = layer.padding
@@ -166,7 +166,7 @@ def build_proto(spec: S.ModelSpec, weights: dict[str, np.ndarray]):
     in_shape = (1, *spec.input_shape)
     for layer, row in zip(spec.layers, rows):
         out = layer_output(spec, layer.name)
-        nodes += _layer_nodes(layer, x, out, in_shape)
+        nodes += _native_layer(layer, x, out, in_shape)
         x, in_shape = out, row.shape
     initializers = [numpy_helper.from_array(np.ascontiguousarray(weights[name], DTYPE), name)
                     for name in expected_shapes(spec)]

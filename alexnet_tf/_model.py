@@ -47,7 +47,7 @@ def needs_pad_layer(layer: S.Conv2d) -> bool:
     return any(layer.padding) and not same_padding(layer)
 
 
-def _native_layers(layer: S.Layer, index: int) -> list:
+def _native_layer(layer: S.Layer, index: int) -> list:
     """The Keras layers that compute one spec layer, in order; the last one is named after it."""
     name = layer.name
     if isinstance(layer, S.Conv2d):
@@ -87,7 +87,7 @@ def build_keras(spec: S.ModelSpec, device: str) -> "keras.Model":
         inputs = keras.Input(shape=(height, width, channels), name="image")
         x = inputs
         for index, layer in enumerate(spec.layers):
-            for native in _native_layers(layer, index):
+            for native in _native_layer(layer, index):
                 x = native(x)
         model = keras.Model(inputs, x, name=f"alexnet_{spec.name}")
     setattr(model, _SPEC_ATTR, spec)
@@ -321,7 +321,7 @@ def model_spec(model) -> S.ModelSpec:
     return spec_of(model)
 
 
-def _as_input(model, x) -> np.ndarray:
+def as_input(model, x) -> np.ndarray:
     spec = spec_of(model)
     x = np.asarray(x, dtype=np.float32)
     expected = (*spec.input_size, spec.in_channels)
@@ -338,7 +338,7 @@ def forward(model, x, *, training: bool = False, capture: bool = False):
     """Logits as numpy for NHWC float32 ``x``; with ``capture``, also every spec layer's output
     by name (NHWC for images; 2-D after Flatten, whose columns are in (H, W, C) order:
     ``flatten_tf == flatten_nchw[:, common.weights.nhwc_flatten_permutation(spec)]``)."""
-    x = _as_input(model, x)
+    x = as_input(model, x)
     with tf.device(device_of(model)):
         logits, captured = compiled_forward(model, training)(tf.convert_to_tensor(x))
     if capture:
@@ -375,7 +375,7 @@ def export_weights(model) -> dict[str, np.ndarray]:
 def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     """Mean softmax cross entropy and its gradients in canonical names and layout, in training
     mode (dropout as the spec says)."""
-    x = _as_input(model, x)
+    x = as_input(model, x)
     with tf.device(device_of(model)):
         loss, grads = compiled_loss_and_grads(model)(
             tf.convert_to_tensor(x), tf.convert_to_tensor(np.asarray(labels, dtype=np.int64))
