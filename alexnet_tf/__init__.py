@@ -26,6 +26,7 @@ CAPABILITIES = Capabilities(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "
                 "a GPU and on a CPU without AVX-512, off on a CPU with it (slower there)", default_on=("cpu", "gpu")),
     ),
+    plain_min_input=67,  # the book's network pads no first convolution: 65x65 collapses in it
     native_suffixes=(".weights.h5",),
     exports=(
         Artifact("_savedmodel", "import tensorflow as tf; serve = tf.saved_model.load(path).signatures["

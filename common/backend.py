@@ -106,6 +106,9 @@ class Capabilities:
     # Model-zoo containers (``common.zoo``) this backend reads and writes, through its
     # ``read_container(path)`` and ``write_container(path, arrays)``.
     containers: tuple[str, ...] = ()
+    # The smallest input size the book's own code (``_plain.py``) takes: without a padded first
+    # convolution some of the book's networks collapse below it.
+    plain_min_input: int = 65
     # The framework's own data-parallel engines (``configure_replicas``); the first is what
     # ``alexnet train --replicas N`` uses on one machine. Empty: one replica only.
     replicas: tuple[ReplicaEngine, ...] = ()

@@ -58,7 +58,12 @@ from .report import NOT_APPLICABLE, format_table, human_bytes
 from .spec import get_spec
 
 DATA_MODES = ("synthetic", "real")
-PLAIN_MIN_INPUT = 67  # the book's TensorFlow and MXNet AlexNet pad no first convolution: 65x65 collapses
+
+
+def plain_min_input(backends=None) -> int:
+    """The smallest --input-size every backend's plain baseline takes (``Capabilities.plain_min_input``)."""
+    return max([capabilities(name).plain_min_input for name in (backends or BACKENDS) if capabilities(name).trains],
+               default=0)
 RESULT_JSON, RESULT_PNG, LOG_DIR = "bench.json", "bench.png", "logs"
 NOT_TRAINED = NOT_APPLICABLE  # the table's cell for a training figure of a backend that does not train
 
@@ -147,9 +152,11 @@ class Config:
 def _check(args) -> None:
     if args.baseline and args.precision != "fp32":
         raise BenchError("--baseline runs the book's float32 code: use it with --precision fp32")
-    if args.baseline and args.input_size < PLAIN_MIN_INPUT:
-        raise BenchError(f"--baseline needs --input-size {PLAIN_MIN_INPUT} or more (the book's TensorFlow and "
-                         f"MXNet AlexNet pad no first convolution), got {args.input_size}")
+    if args.baseline and args.input_size < plain_min_input(args.backends):
+        narrow = [capabilities(n).framework for n in args.backends
+                  if capabilities(n).plain_min_input == plain_min_input(args.backends)]
+        raise BenchError(f"--baseline needs --input-size {plain_min_input(args.backends)} or more (the book's "
+                         f"{' and '.join(narrow)} AlexNet pads no first convolution), got {args.input_size}")
     for backend in args.backends:  # from the records, before any worker starts
         try:
             capabilities(backend).check_precision(args.precision)

@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a file: the project's own modules come from this tree
 
-from common.bench import PLAIN_MIN_INPUT  # noqa: E402
+from common.bench import plain_min_input  # noqa: E402
 from common.cli_args import OneLineErrorParser  # noqa: E402
 from common.data import FILES, DataError, FashionMNIST, locate  # noqa: E402
 from common.io import atomic_path, write_text_atomic  # noqa: E402
@@ -104,7 +104,7 @@ GPU = Profile("gpu", "gpu", budget_s=480, train_reserve_s=250, bench_batches=(12
               bench_steps=20, bench_warmup=3, ablate_batch=256, train_epochs=10, train_batch=128, train_input=224)
 # The same steps at the smallest sizes, so the script's logic and its summary are tested on CPU (the
 # bench's input the smallest the book's plain code takes, for the ablation's --baseline).
-SMOKE = Profile("cpu-smoke", "cpu", budget_s=600, train_reserve_s=60, bench_batches=(8,), bench_input=PLAIN_MIN_INPUT,
+SMOKE = Profile("cpu-smoke", "cpu", budget_s=600, train_reserve_s=60, bench_batches=(8,), bench_input=plain_min_input(),
                 bench_steps=1, bench_warmup=0, ablate_batch=8, train_epochs=2, train_batch=128, train_input=65,
                 limit_train=256, limit_test=256)
 
