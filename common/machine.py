@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import time
 from pathlib import Path
+
+_IMPORTED = time.time()
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,3 +104,14 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(M_MMAP_MAX, 0)) & bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def process_seconds() -> float:
+    """Seconds since this process started, as a user waiting for a command counts them (the
+    interpreter's start and every import included): Linux's /proc; elsewhere since this module's import."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED

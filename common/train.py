@@ -41,7 +41,7 @@ from . import data as fmnist
 from .backend import checked_lr, checked_momentum, checked_weight_decay, effective_math
 from .io import check_writable, remove_stale_temporaries, write_text_atomic
 from .replicas import SINGLE, check_replicas
-from .machine import cpu_model
+from .machine import cpu_model, process_seconds
 from .spec import Dropout
 from .weights import check_finite, non_finite, read_npz, save_weights
 
@@ -308,6 +308,10 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                     "test_acc": test_acc,
                     "images_per_s": position.seen_this_session / max(seconds, 1e-9),
                     "seconds": seconds,
+                    # time to this accuracy: epoch time of the whole run (resumed sessions too), and the
+                    # wall time of this command so far (start-up, data, compilation and evaluation included)
+                    "training_s": sum(row["seconds"] for row in history.rows) + seconds,
+                    "wall_s": process_seconds(),
                 })
                 position = _Position(epoch + 1)
                 if run is not None:
@@ -318,7 +322,8 @@ def fit(backend, model, data: fmnist.FashionMNIST | None = None, *, epochs: int 
                     row = history.last
                     print(f"{backend.NAME} epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
                           f"acc {row['train_acc']:.3f}, test loss {row['test_loss']:.4f} acc {row['test_acc']:.3f}, "
-                          f"{row['images_per_s']:.1f} images/s")
+                          f"{row['images_per_s']:.1f} images/s; {row['training_s']:.1f} s of training, "
+                          f"{row['wall_s']:.1f} s since the command started")
         except (_StopRequested, KeyboardInterrupt):
             # KeyboardInterrupt: a second signal (stop at once), or one raised outside our handler
             history.stopped = stop.name or "SIGINT"
@@ -539,7 +544,8 @@ def write_metrics(run: Path, history: History) -> None:
     for name, rows in ((METRICS_CSV, history.rows), (STEPS_CSV, history.steps)):
         if rows:
             text = io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+            # every key of every row: a run resumed from an older version has rows without the newer ones
+            writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
             writer.writeheader()
             writer.writerows(rows)
             write_text_atomic(run / name, text.getvalue())

@@ -115,3 +115,18 @@ def test_records_name_the_cpu():
     assert cpu_model() and cpu_model() in describe_cpu() and cpu_features() in describe_cpu()
     effective = [B.effective_math(m, d) for m in ("fp32", "tf32") for d in ("cpu", "gpu")]
     assert effective == ["fp32", "fp32", "fp32", "tf32"]  # a CPU computes float32 as float32
+
+
+def test_process_seconds_counts_from_the_process_start():
+    """A fresh interpreter is younger than this test process, and both are older than 0."""
+    import subprocess
+    from pathlib import Path
+    import sys
+
+    from common.machine import process_seconds
+
+    mine = process_seconds()
+    child = float(subprocess.run([sys.executable, "-c", "from common.machine import process_seconds; "
+                                  "print(process_seconds())"], capture_output=True, text=True, check=True,
+                                 cwd=str(Path(__file__).resolve().parents[1])).stdout)
+    assert 0 < child < mine

@@ -150,3 +150,4 @@ def test_check_writable_names_the_folder(tmp_path):
         io.check_writable(blocker / "run")
     assert io.check_writable(tmp_path / "run").is_dir()
     assert list((tmp_path / "run").iterdir()) == []
+

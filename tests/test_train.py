@@ -123,6 +123,10 @@ def test_fit_writes_metrics_curves_and_checkpoint(backend, tiny_data, tmp_path):
     steps = (tmp_path / STEPS_CSV).read_text().splitlines()
     assert steps[0] == "epoch,loss,acc" and len(steps) == 1 + 2 * 5  # 40 images, batch 8: 5 steps an epoch
     assert [float(line.split(",")[0]) for line in steps[1:]][4:6] == [1.0, 1.2]
+    # time to accuracy: the run's epoch time so far, and the command's wall time (start-up included)
+    first, second = history.rows
+    assert first["training_s"] == first["seconds"] and second["training_s"] == first["seconds"] + second["seconds"]
+    assert 0 < first["wall_s"] < second["wall_s"] and second["wall_s"] >= second["training_s"]
 
 
 @pytest.mark.parametrize("precision", ["fp32", *LOSS_SCALED_PRECISIONS])
@@ -148,6 +152,7 @@ def test_resume_after_an_epoch_equals_an_uninterrupted_run(backend, tiny_data, t
     assert [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in expected.rows]
     assert resumed.steps == expected.steps
     assert len(resumed.sessions) == 2  # the start and the resume, each recorded
+    assert resumed.rows[1]["training_s"] == resumed.rows[0]["seconds"] + resumed.rows[1]["seconds"]  # over sessions
 
 
 def test_fp16_skips_a_step_with_non_finite_gradients_and_halves_the_loss_scale(backend, tiny_data):
