@@ -7,10 +7,8 @@ AttributeError there, and a FutureWarning on 1.20-1.23 when touched with hasattr
 Restore only that alias, and only when it is missing; nothing else in numpy is patched.
 
 MXNet's operators run on OpenMP threads, and on x86 MXNet 1.9 starts from half the CPUs it
-sees, assuming every core has two hyper-threads. Where that is not so it leaves cores idle:
-on this project's 2-vCPU machine (one thread per core) it used one core of two, and both
-halved the measured matmul rate (167 against 324 GFLOP/s) and training throughput
-(docs/benchmarks.md). So unless the user chose (``OMP_NUM_THREADS`` or
+sees, assuming every core has two hyper-threads; where cores have one thread it leaves half of
+them idle (docs/notes.md). So unless the user chose (``OMP_NUM_THREADS`` or
 ``MXNET_OMP_MAX_THREADS`` set), MXNet gets one thread per physical core it may run on.
 
 A missing install is an ImportError naming the extra. The rest serves the bench: the matmul
@@ -59,7 +57,7 @@ LAST_WHEEL_COMPUTE_CAPABILITY = 86
 @functools.lru_cache(maxsize=None)
 def gpu_status() -> GpuStatus:
     """Proven, not counted: a small convolution forward and backward must run on mx.gpu(0).
-    MXNet counts an H100 as a GPU and then cannot run a kernel on it."""
+    MXNet counts a GPU newer than its kernels (compute capability above 8.6) and then cannot run one on it."""
     from mxnet.runtime import Features
 
     if not Features().is_enabled("CUDA"):

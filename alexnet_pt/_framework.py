@@ -19,7 +19,7 @@ torch = require_framework("torch", CAPABILITIES)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # PyTorch's CPU tensors come from malloc: keep freed blocks for reuse rather than page-faulting
-# through fresh ones every step (+26% CPU training; common.machine.keep_freed_memory says why).
+# through fresh ones every step (common.machine.keep_freed_memory says why; docs/notes.md the figures).
 KEEPS_FREED_MEMORY = keep_freed_memory()
 
 

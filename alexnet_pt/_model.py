@@ -46,14 +46,10 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters, same state_dict) that can also run as unfold + one matrix
     product: ``as_matmul`` (the trainer's ``stem_matmul`` speed-up sets it on the first convolution).
 
-    Why: the first convolution has one input channel, and cuDNN has no tensor-core kernel for it.
-    On an NVIDIA H200 in bf16 at batch 256 (docs/benchmarks.md, the profile) it took about a third
-    of the device time for 3.6% of the FLOPs: a 0.9 ms non-tensor-core forward kernel, and a
-    backward that copied and converted its inputs to another memory format (1.1 ms) around a
-    0.7 ms weight-gradient kernel. As a matrix product of the image patches (121 of them per output
-    pixel here) with the weights, forward and weight gradient are two GEMMs with tensor cores. The
-    same sums in another order (float32: ~1e-6 relative). Groups and dilation other than 1 keep
-    the convolution."""
+    Why: the first convolution has one input channel, and cuDNN has no tensor-core kernel for it
+    (the profile in docs/notes.md); as a matrix product of the image patches with the weights,
+    forward and weight gradient are two GEMMs on tensor cores. The same sums in another order
+    (float32: ~1e-6 relative). Groups and dilation other than 1 keep the convolution."""
 
     as_matmul = False
 
@@ -92,18 +88,12 @@ def parameter_devices(model) -> set[str]:
 def prefers_channels_last(device: torch.device, precision: str = "fp32") -> bool:
     """Whether a model on ``device`` computing in ``precision`` is fastest channels-last (NHWC).
 
-    On a CPU with AVX-512 (and AMX): oneDNN runs its native NHWC convolutions instead of
-    reordering around each call (docs/benchmarks.md, Intel Xeon with AMX: +11% training, +25%
-    inference at 1x224x224, batch 128). On an AVX2-only CPU (AMD EPYC) the same default
-    measured no gain over the plain NCHW code (0.99x), so it stays NCHW there: chosen by the
-    CPU's features, not always. On a GPU whenever the convolutions run on tensor cores, whose
-    cuDNN kernels are NHWC: bf16/fp16, or float32 in TF32 math (``set_math_mode("tf32")``, which is
-    also PyTorch's own default for convolutions). Measured on an NVIDIA H200 at batch 256
-    (docs/benchmarks.md): +5.5% training in TF32, +9% in bf16. Strict float32 (``--math fp32``, no
-    tensor cores) stays NCHW: not measured there. The same arithmetic summed in another order: results
-    move by about 1e-6 relative, well inside the parity suite's tolerances. ``build`` and the
-    trainer's default both ask this, so ``forward``, ``loss_and_grads`` and ``train_step`` run the
-    same kernels.
+    On a CPU with AVX-512, where oneDNN runs native NHWC convolutions instead of reordering around
+    each call (an AVX2-only CPU gained nothing: NCHW there); on a GPU whenever the convolutions run
+    on tensor cores, whose cuDNN kernels are NHWC (bf16/fp16, or float32 in TF32 math); strict
+    float32 on a GPU stays NCHW. The figures are in docs/notes.md. The same sums in another order
+    (~1e-6 relative). ``build`` and the trainer's default both ask this, so ``forward``,
+    ``loss_and_grads`` and ``train_step`` run the same kernels.
     """
     if device.type == "cpu":
         return has_avx512()

@@ -11,16 +11,11 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
   channels-last (NHWC) memory format. Default: ``_model.prefers_channels_last`` (on a CPU with
   AVX-512, and on a GPU whose convolutions run on tensor cores: TF32, bf16, fp16), the format
   ``build`` already gave a CPU model.
-* ``compile``: ``torch.compile`` of the forward pass. Default off: on the CPUs measured it did
-  not pay; on an NVIDIA H200 it trains 14% (TF32) to 18% (bf16) faster at batch 256 after 18-29 s
-  of compiling the first graph (docs/benchmarks.md), and training, evaluation and an epoch's
-  smaller last batch each compile their own (torch._dynamo counted 4 graphs for those on a CPU):
-  a win for long runs, a loss for the book's 10 epochs (about 45 s of training there), so it
-  stays an option (``--on compile``).
+* ``compile``: ``torch.compile`` of the forward pass. Default off: its compile time (training,
+  evaluation and an epoch's smaller last batch each compile their own graph) costs more than it
+  saves over the book's 10 epochs; a win for long runs (docs/notes.md), so an option (``--on compile``).
 * ``stem_matmul``: the first convolution (one input channel) as unfold + one matrix product
-  (``_model.Conv2d``). Default off: on the H200 that convolution took a third of a bf16 step's
-  device time in cuDNN, but the product form is not yet measured on a GPU; ``scripts/gpu-check.sh``'s
-  ablation flips it, so the next GPU run measures it.
+  (``_model.Conv2d``). Default off until measured on a GPU; ``scripts/gpu-check.sh``'s ablation flips it.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
   precision (float32 master weights and optimizer state; fp16 with ``torch.amp.GradScaler``, set to the
   project's one dynamic loss-scaling rule, ``common.weights``' LOSS_SCALE_*: start at 2**15, double

@@ -238,12 +238,9 @@ def params(model) -> tuple[Param, ...]:
 
 def xla_by_default(device: str) -> bool:
     """Whether training-mode functions (the train step, ``loss_and_grads``) are XLA-compiled by
-    default on ``device`` (a tf.device string). On a CPU, by its features (docs/benchmarks.md,
-    batch 128, 1x224x224): with AVX-512, oneDNN's plain graph trains faster (Intel Xeon with AMX:
-    53.2 img/s, XLA 38.1); on an AVX2-only CPU XLA does (AMD EPYC: 21.6 img/s, the plain graph
-    16.8, the book's Keras code 19.5). Both are reproducible run to run. On a GPU, where XLA
-    usually pays by fusing the elementwise work (not measured by this project: no GPU here;
-    ``alexnet bench --device gpu --ablate`` shows it)."""
+    default on ``device`` (a tf.device string). On a CPU by its features: with AVX-512 oneDNN's
+    plain graph trains faster, on an AVX2-only CPU XLA does (docs/notes.md); both are reproducible
+    run to run. On a GPU, where XLA usually pays by fusing the elementwise work."""
     return "GPU" in device.upper() or not has_avx512()
 
 

@@ -46,17 +46,10 @@ from ._framework import keras, replica_group, tf
 from ._model import (compile_fn, correct_count, cross_entropy, device_of, input_signature, params, plan, run,
                      spec_of, strategy_of, xla_by_default)
 
-# Reproducibility on CPU: the step used to write the update as three ops (buf = m*buf + g;
-# read buf; w -= lr*buf). With momentum *and* weight decay on, two traces of that step (two
-# trainers, or two processes) gave results that differed in the last bit, so a resumed run did
-# not repeat an uninterrupted one; the kernels were not the cause: with either option alone,
-# and for the gradients themselves, repeated runs were bit-identical. The update is therefore
-# TensorFlow's own fused kernel, ResourceApplyMomentum (accum = accum * m + g; var -= lr *
-# accum: PyTorch's rule), and 9 trainers in 3 processes (1x224x224, batch 32, dropout,
-# momentum 0.9, weight decay 5e-4, 4 steps) then ended bit-identical without XLA. An
-# XLA-compiled step is reproducible too; it is the default on a GPU and on a CPU without AVX-512,
-# where it trains faster, and off on one with AVX-512, where it is 30% slower
-# (``_model.xla_by_default``, docs/benchmarks.md).
+# The update is TensorFlow's own fused kernel, ResourceApplyMomentum (accum = accum * m + g;
+# var -= lr * accum: PyTorch's rule), because the same update written as three ops differed in
+# the last bit between two traces, and a resumed run then did not repeat an uninterrupted one
+# (docs/notes.md). XLA: ``_model.xla_by_default``.
 JIT_EVAL = False
 
 # Mixed precision: the Keras layers compute in the policy's dtype (variables stay float32).

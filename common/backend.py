@@ -263,8 +263,8 @@ class Trainer(Protocol):
 
 class Backend(Protocol):
     CAPABILITIES: Capabilities
-    NAME: str  # CAPABILITIES.name: "pt", "tf" or "mx"
-    FRAMEWORK: str  # CAPABILITIES.framework: "PyTorch", "TensorFlow", "MXNet"
+    NAME: str  # CAPABILITIES.name: the registry's key (BACKENDS)
+    FRAMEWORK: str  # CAPABILITIES.framework: the framework's own name
     LAYOUT: str  # CAPABILITIES.layout: "NCHW" or "NHWC"
 
     def build(self, spec: ModelSpec | None = None, *, num_classes: int | None = None,
@@ -433,7 +433,7 @@ def require_framework(module: str, capabilities: Capabilities):
 class GpuStatus:
     """Whether a framework can really compute on a GPU here, proven by running a small
     convolution forward and backward on it (a device count alone says nothing about kernels:
-    MXNet 1.9.1's CUDA wheels see an H100 and cannot run a single kernel on it)."""
+    MXNet 1.9.1's CUDA wheels count a GPU newer than their kernels and cannot run a single kernel on it)."""
 
     usable: bool
     detail: str  # the GPU's name when usable, else the reason it is not

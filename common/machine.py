@@ -27,7 +27,7 @@ def _cpuinfo() -> dict[str, str]:
 
 
 def cpu_model() -> str:
-    """E.g. "Intel(R) Xeon(R) Processor" or "AMD EPYC 7R13 Processor": written next to every CPU figure."""
+    """The CPU's model name as the kernel reports it: written next to every CPU figure."""
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
@@ -39,7 +39,7 @@ def has_avx512() -> bool:
     """Whether the CPU has AVX-512, where oneDNN's fastest CPU kernels run. Two CPU defaults
     follow it, each measured on both kinds of CPU (docs/benchmarks.md): PyTorch's channels-last
     layout and TensorFlow's plain oneDNN graph (XLA instead on an AVX2-only CPU). An unknown CPU
-    (no /proc/cpuinfo) counts as one: the defaults first measured, on an Intel Xeon."""
+    (no /proc/cpuinfo) counts as one: the defaults first measured were on such a CPU."""
     flags = cpu_flags()
     return "avx512f" in flags or not flags
 
@@ -85,11 +85,9 @@ KEEP_FREED_MEMORY_VARIABLE = "ALEXNET_KEEP_FREED_MEMORY"
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for the next allocation instead of handing every
     large block back to the kernel. By default glibc maps each block over 32 MiB afresh (mmap) and
-    unmaps it when freed, so a CPU training step that allocates activations of 40-140 MiB page-faults
-    through all of them again every step: on PyTorch's CPU step at batch 128 that was a quarter of
-    the time (ReLU's backward and max-pool's zero fill ran at under 1 GB/s). With mmap off and the
-    trim threshold at its largest, freed blocks stay in the heap and are reused: PyTorch trained
-    +26% on an Intel Xeon with AMX (docs/benchmarks.md), peak resident memory +0.3 GiB.
+    unmaps it when freed, so a CPU training step that allocates large activations page-faults
+    through all of them again every step. With mmap off and the trim threshold at its largest,
+    freed blocks stay in the heap and are reused (docs/notes.md has the figures).
 
     Process-wide and for later allocations only; PyTorch's backend asks for it when imported (the
     others did not gain). Linux with glibc only; ``ALEXNET_KEEP_FREED_MEMORY=0`` leaves malloc alone.

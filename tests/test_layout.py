@@ -164,3 +164,35 @@ def test_no_file_of_common_but_the_registry_names_a_backend(name):
 def test_the_naming_check_finds_a_planted_name(tmp_path):
     planted = "if backend == 'mx':\n    import alexnet_mx\n"
     assert naming("mx").search(planted) and not naming("pt").search(planted)
+
+
+MACHINE_NAMES = re.compile(r"\b(H100|H200|A100|V100|Xeon|EPYC|Ryzen|Zen ?\d)\b")
+FIGURES = re.compile(r"\d+(\.\d+)?\s?(img/s|images/s|[GT]FLOP/s|ms)\b|[+-]\d+(\.\d+)?%|\b\d+(\.\d+)?x (faster|slower)")
+
+
+def docstrings(path: Path):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = ast.get_docstring(node)
+            if text:
+                yield getattr(node, "name", path.name), text
+
+
+def stale_notes(path: Path) -> list[str]:
+    """Figures and machine names in a module's docstrings: they belong in docs/notes.md (they go stale in code)."""
+    return [f"{path}:{name}: {match.group(0)!r}" for name, text in docstrings(path)
+            for pattern in (MACHINE_NAMES, FIGURES) for match in pattern.finditer(text)]
+
+
+def test_docstrings_hold_no_figures_or_machine_names():
+    """Docstrings say what and why; measurements live in docs/ (the book's plain code is a copy, exempt)."""
+    found = [note for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))
+             if path.name != "_plain.py" for note in stale_notes(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_stale_note_check_finds_a_planted_figure(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('"""Measured on an NVIDIA H200: +26% training, 17,000 img/s."""\n\n\ndef f():\n    """On a Xeon."""\n')
+    assert len(stale_notes(planted)) == 4
