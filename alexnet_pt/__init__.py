@@ -27,6 +27,9 @@ CAPABILITIES = Capabilities(
         SpeedUp("compile", "compile", "torch.compile of the forward pass"),
         SpeedUp("stem_matmul", "stem_matmul", "the first convolution (one input channel) as unfold + one matrix "
                 "product, for tensor cores; off: not yet measured on a GPU"),
+        SpeedUp("fused_sgd", "fused_sgd", "torch.optim.SGD(fused=True): the update in one kernel; off: not yet measured"),
+        SpeedUp("cuda_graphs", "cuda_graphs", "the whole training step captured once per batch shape as a CUDA graph "
+                "and replayed (GPU only); off: not yet measured", devices=("gpu",)),
     ),
     native_suffixes=(".pt", ".pth"),
     exports=(

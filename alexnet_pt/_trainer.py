@@ -16,6 +16,16 @@ the device, and ``alexnet bench --ablate`` measures each one on and off):
   saves over the book's 10 epochs; a win for long runs (docs/notes.md), so an option (``--on compile``).
 * ``stem_matmul``: the first convolution (one input channel) as unfold + one matrix product
   (``_model.Conv2d``). Default off until measured on a GPU; ``scripts/gpu-check.sh``'s ablation flips it.
+* ``fused_sgd``: ``torch.optim.SGD(fused=True)``, the whole update in one kernel instead of one
+  per tensor group. The same arithmetic (tests hold it to float32 rounding); off until measured.
+* ``cuda_graphs``: the whole training step (forward, loss, backward, SGD update) captured once per
+  batch shape as a ``torch.cuda.CUDAGraph`` with static input buffers and replayed, so the CPU
+  launches one graph instead of hundreds of kernels. The first ``GRAPH_WARMUPS`` steps of each
+  shape run eagerly (real steps: cuDNN chooses its algorithms, the momentum buffers appear), then
+  the step is captured; an epoch's last, smaller batch gets its own graph once seen as often. Dropout
+  draws from the generator seeded before each replay, as before each eager step. A new ``lr`` or
+  optimizer state drops the graphs (they hold the old values). GPU only, and not with ``compile``,
+  replicas or fp16's loss scale (its skip decision is read on the host); off until measured.
 * ``precision``: "fp32" (default, what parity checks), or "bf16"/"fp16" autocast mixed
   precision (float32 master weights and optimizer state; fp16 with ``torch.amp.GradScaler``, set to the
   project's one dynamic loss-scaling rule, ``common.weights``' LOSS_SCALE_*: start at 2**15, double
@@ -51,6 +61,18 @@ from ._framework import DTYPES, replica_group
 from ._model import (AlexNet, _numpy, _parameters, as_input, as_labels, memory_format, model_device, model_spec,
                      prefers_channels_last, stem)
 
+# Eager steps of a batch shape before its step is captured as a CUDA graph (PyTorch's advice: warm
+# up on a side stream first, so cuDNN's autotuning and lazy allocations happen outside the capture).
+GRAPH_WARMUPS = 3
+
+
+class _GraphedStep:
+    """One batch shape's captured training step: its static buffers, outputs and eager count."""
+
+    def __init__(self):
+        self.eager_steps = 0
+        self.graph = self.x = self.labels = self.loss = self.correct = None
+
 
 class Trainer(TrainerBase):
     """One model's ``torch.optim.SGD`` and its train / eval steps (see ``common.backend.Trainer``)."""
@@ -59,7 +81,8 @@ class Trainer(TrainerBase):
 
     def __init__(self, model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  channels_last: bool | None = None, compile: bool | None = None, stem_matmul: bool | None = None,
-                 precision: str = "fp32", replicas: int = 1):
+                 fused_sgd: bool | None = None, cuda_graphs: bool | None = None, precision: str = "fp32",
+                 replicas: int = 1):
         super().__init__(model, lr=lr, momentum=momentum, weight_decay=weight_decay, precision=precision,
                          replicas=replicas)
         self.group = replica_group() if replicas > 1 else SINGLE
@@ -72,6 +95,10 @@ class Trainer(TrainerBase):
         self.channels_last = prefers_channels_last(self.device, precision) if channels_last is None else bool(channels_last)
         self.compile = bool(compile)
         self.stem_matmul = bool(stem_matmul)
+        self.fused_sgd = bool(fused_sgd)
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs:
+            _check_graphable(self.device, self.compile, self.replicas, self.precision)
         stem(model).as_matmul = self.stem_matmul  # on the module: forward and loss_and_grads run it too
         # The parameters move to the chosen memory format in place (same Parameter objects, same
         # values); a channels-last model still computes the same function on NCHW-shaped inputs.
@@ -93,8 +120,10 @@ class Trainer(TrainerBase):
         self._params = _parameters(model)
         self.optimizer = torch.optim.SGD(
             list(self._params.values()), lr=float(lr), momentum=self.momentum, weight_decay=self.weight_decay,
-            dampening=0.0, nesterov=False,
+            dampening=0.0, nesterov=False, **({"fused": True} if self.fused_sgd else {}),
         )
+        self._graphs: dict[tuple, _GraphedStep] = {}  # batch shape -> its captured step (cuda_graphs)
+        self._side_stream = torch.cuda.Stream(self.device) if self.cuda_graphs else None
         self._resize: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _read_lr(self) -> float:
@@ -103,6 +132,7 @@ class Trainer(TrainerBase):
     def _write_lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = value
+        self._graphs.clear()  # a captured update holds the old lr
 
     # ------------------------------------------------------------------ data
     def prepare(self, images: Any) -> torch.Tensor:
@@ -138,7 +168,8 @@ class Trainer(TrainerBase):
     def _autocast(self):
         if self._autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self._autocast_dtype)
+        # no cast cache with graphs: a cached cast made in one replay would be stale in the next
+        return torch.autocast(self.device.type, dtype=self._autocast_dtype, cache_enabled=not self.cuda_graphs)
 
     # ----------------------------------------------------------------- steps
     @contextlib.contextmanager
@@ -179,12 +210,10 @@ class Trainer(TrainerBase):
     def _any_process(self, flag: bool) -> bool:
         return self._summed(float(flag))[0] > 0
 
-    def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
-        """One SGD step on the (global) batch; returns (mean loss, correct predictions before the step)."""
-        inputs, targets, batch = self._local(x, labels)
-        self.model.train(True)
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and update, all on the device: (loss, correct) as device tensors."""
         self.optimizer.zero_grad(set_to_none=True)
-        with self._seeded(replica_seed(seed, self.group.rank, self.replicas)), self._autocast():
+        with self._autocast():
             logits = self._forward(inputs)
             if self.replicas == 1:
                 loss = F.cross_entropy(logits.float(), targets)
@@ -197,7 +226,41 @@ class Trainer(TrainerBase):
             self._scaler.scale(loss).backward()
             self._scaler.step(self.optimizer)
             self._scaler.update()
-        correct = (logits.detach().argmax(dim=1) == targets).sum()
+        return loss.detach(), (logits.detach().argmax(dim=1) == targets).sum()
+
+    def _graphed(self, inputs: torch.Tensor, targets: torch.Tensor, batch: int, seed: int):
+        """``_step`` through the batch shape's CUDA graph: eager while warming up, then captured once
+        (the capture computes nothing) and replayed for this step and every later one."""
+        entry = self._graphs.setdefault(tuple(inputs.shape), _GraphedStep())
+        if entry.graph is None and entry.eager_steps < GRAPH_WARMUPS:
+            entry.eager_steps += 1
+            self._side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._side_stream), self._seeded(seed):
+                result = self._step(inputs, targets, batch)
+            torch.cuda.current_stream(self.device).wait_stream(self._side_stream)
+            return result
+        if entry.graph is None:
+            entry.x, entry.labels = inputs.clone(), targets.clone()
+            entry.graph = torch.cuda.CUDAGraph()
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's backward writes its own gradients
+            with self._seeded(seed), torch.cuda.graph(entry.graph):
+                entry.loss, entry.correct = self._step(entry.x, entry.labels, batch)
+        entry.x.copy_(inputs)
+        entry.labels.copy_(targets)
+        with self._seeded(seed):  # the replay's dropout draws from the generator as seeded now
+            entry.graph.replay()
+        return entry.loss, entry.correct
+
+    def train_step(self, x: Any, labels: Any, *, seed: int) -> tuple[float, int]:
+        """One SGD step on the (global) batch; returns (mean loss, correct predictions before the step)."""
+        inputs, targets, batch = self._local(x, labels)
+        self.model.train(True)
+        seed = replica_seed(seed, self.group.rank, self.replicas)
+        if self.cuda_graphs:
+            loss, correct = self._graphed(inputs, targets, batch, seed)
+        else:
+            with self._seeded(seed):
+                loss, correct = self._step(inputs, targets, batch)
         # .item() waits for the device: the step is finished when this returns (timing relies on it)
         if self.replicas == 1:
             return float(loss.item()), int(correct.item())
@@ -241,6 +304,7 @@ class Trainer(TrainerBase):
         loss scale, a fresh start)."""
         state, loss_scale = split_loss_scale(state, scaled=self._scaler is not None)
         buffers = momentum_buffers(self.spec, self.momentum, state)
+        self._graphs.clear()  # the captured update reads the buffers it was captured with
         if loss_scale is not None:
             scale, good_steps = loss_scale
             self._scaler.load_state_dict({**self._scaler.state_dict(), "scale": scale, "_growth_tracker": good_steps})
@@ -251,10 +315,25 @@ class Trainer(TrainerBase):
                 self.optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf)
 
 
+def _check_graphable(device: torch.device, compile: bool, replicas: int, precision: str) -> None:
+    """``cuda_graphs``' conditions, refused in one line each before any work."""
+    if device.type != "cuda":
+        raise ValueError("cuda_graphs captures the step's CUDA kernels (torch.cuda.CUDAGraph): it needs a model "
+                         f"on a CUDA GPU, and this one is on the {device.type.upper()}")
+    if compile:
+        raise ValueError("cuda_graphs and compile exclude each other: choose one (--off compile or --off cuda_graphs)")
+    if replicas > 1:
+        raise ValueError("cuda_graphs is not used with replicas: DistributedDataParallel's all-reduce is not captured")
+    if precision in LOSS_SCALED_PRECISIONS:
+        raise ValueError(f"cuda_graphs is not used with {precision}: the dynamic loss scale decides on the host "
+                         "whether to skip each step")
+
+
 def make_trainer(model: AlexNet, *, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
                  channels_last: bool | None = None, compile: bool | None = None, stem_matmul: bool | None = None,
-                 precision: str = "fp32", replicas: int = 1) -> Trainer:
+                 fused_sgd: bool | None = None, cuda_graphs: bool | None = None, precision: str = "fp32",
+                 replicas: int = 1) -> Trainer:
     """SGD with PyTorch's semantics; the speed options and ``replicas`` are described in the module docstring."""
     return Trainer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                   channels_last=channels_last, compile=compile, stem_matmul=stem_matmul, precision=precision,
-                   replicas=replicas)
+                   channels_last=channels_last, compile=compile, stem_matmul=stem_matmul, fused_sgd=fused_sgd,
+                   cuda_graphs=cuda_graphs, precision=precision, replicas=replicas)

@@ -72,6 +72,7 @@ class SpeedUp:
     keyword: str
     what: str
     default_on: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu", "gpu")  # where it can act at all (the ablation flips it only there)
 
 
 @dataclass(frozen=True)

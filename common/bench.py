@@ -258,16 +258,18 @@ def run_job(config: Config, args, data_dir: str | None, workdir: Path, index: in
     return result
 
 
-def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None) -> list[Config]:
+def configs(args, backend: str, batch: int, defaults: dict[str, bool] | None, device: str = "cpu") -> list[Config]:
     """One backend's configurations at one batch size: its default (with --on/--off), the book's
     plain code with --baseline and, with --ablate once ``defaults`` (the options the default run
-    resolved) are known, one run per speed-up with that speed-up flipped."""
+    resolved on ``device``) are known, one run per speed-up that can act there, flipped."""
     base = chosen_speed_ups(args, backend)
     if defaults is None:
         return [Config(backend, "alexnet", batch, tuple(sorted(base.items())))]
     result = [Config(backend, "plain", batch)] if args.baseline and capabilities(backend).trains else []
     if args.ablate:
         for feature in capabilities(backend).speed_ups:
+            if device not in feature.devices:
+                continue
             state = base.get(feature.name, defaults.get(feature.name))
             if isinstance(state, bool):
                 result.append(Config(backend, "alexnet", batch, tuple(sorted({**base, feature.name: not state}.items()))))
@@ -473,8 +475,9 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
         for batch in args.batch_sizes:
             for backend in args.backends:
                 (default,) = configs(args, backend, batch, None)
-                resolved = {k: v for k, v in run(default, repeat)["options"].items() if k in all_speed_ups()[backend]}
-                for config in configs(args, backend, batch, resolved):
+                first = run(default, repeat)
+                resolved = {k: v for k, v in first["options"].items() if k in all_speed_ups()[backend]}
+                for config in configs(args, backend, batch, resolved, first["device"]):
                     run(config, repeat)
                 for replicas in (n for n in args.replicas if n > 1 and capabilities(backend).trains):
                     run(replace(default, replicas=replicas), repeat)

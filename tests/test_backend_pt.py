@@ -503,3 +503,79 @@ def test_lr_follows_the_one_rule_between_steps(model, start):
         with pytest.raises(ValueError, match="^lr must be a positive number, got "):
             trainer.lr = bad
     assert trainer.lr == 0.5
+
+
+def _train_steps(trainer, steps):
+    """Each (images, labels, seed) step through ``trainer``: the losses it returned."""
+    return [trainer.train_step(trainer.prepare(images), labels, seed=seed)[0] for images, labels, seed in steps]
+
+
+def _steps(spec, sizes, seed=11):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), rng.integers(0, spec.num_classes, n), 100 + i)
+            for i, n in enumerate(sizes)]
+
+
+def test_fused_sgd_takes_the_step_of_the_default_update():
+    """fused_sgd: torch's one-kernel SGD, the same rule (momentum and coupled weight decay) up to float32 rounding."""
+    spec = SMALL.with_dropout(0.0)
+    plain, fused = (backend.build(spec, seed=4, device="cpu") for _ in range(2))
+    settings = dict(lr=0.02, momentum=0.9, weight_decay=5e-4)
+    steps = _steps(spec, (4, 4, 3))
+    a = _train_steps(backend.make_trainer(plain, **settings), steps)
+    fused_trainer = backend.make_trainer(fused, **settings, fused_sgd=True)
+    assert fused_trainer.options["fused_sgd"] is True and fused_trainer.optimizer.defaults["fused"] is True
+    b = _train_steps(fused_trainer, steps)
+    assert np.allclose(a, b, rtol=1e-5)
+    for name, value in backend.export_weights(plain).items():
+        assert rel_err(backend.export_weights(fused)[name], value) < 1e-5, name
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(), r"^cuda_graphs captures the step's CUDA kernels \(torch.cuda.CUDAGraph\): it needs a model on a CUDA "
+             r"GPU, and this one is on the CPU$"),
+])
+def test_cuda_graphs_are_refused_in_one_line_on_a_cpu(model, settings, message):
+    with pytest.raises(ValueError, match=message):
+        backend.make_trainer(model, lr=0.01, cuda_graphs=True, **settings)
+    assert backend.make_trainer(model, lr=0.01).options["cuda_graphs"] is False  # the default: off
+
+
+def test_cuda_graphs_conditions_are_each_one_line():
+    from alexnet_pt._trainer import _check_graphable
+
+    gpu = torch.device("cuda", 0)
+    for args, message in (((gpu, True, 1, "fp32"), "cuda_graphs and compile exclude each other"),
+                          ((gpu, False, 2, "fp32"), "not used with replicas"),
+                          ((gpu, False, 1, "fp16"), "not used with fp16: the dynamic loss scale")):
+        with pytest.raises(ValueError, match=message):
+            _check_graphable(*args)
+    _check_graphable(gpu, False, 1, "bf16")  # bf16 needs no loss scale: graphed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible to PyTorch")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_take_the_eager_steps_on_a_gpu(precision):
+    """Warm-up, capture and replay, an epoch's smaller last batch with its own graph, dropout on and a
+    new lr half way: the same losses and weights as the eager steps, within float32 rounding."""
+    from alexnet_pt._trainer import GRAPH_WARMUPS
+
+    backend.set_math_mode("fp32")
+    sizes = (4,) * (GRAPH_WARMUPS + 3) + (3,) * (GRAPH_WARMUPS + 2)
+    steps = _steps(SMALL, sizes)
+    models = [backend.build(SMALL, seed=8, device="gpu") for _ in range(2)]
+    trainers = [backend.make_trainer(m, lr=0.02, momentum=0.9, weight_decay=5e-4, precision=precision,
+                                     cuda_graphs=graphs) for m, graphs in zip(models, (False, True))]
+    half = len(steps) // 2
+    losses = [_train_steps(t, steps[:half]) for t in trainers]
+    for t in trainers:
+        t.lr = 0.01
+    losses = [before + _train_steps(t, steps[half:]) for before, t in zip(losses, trainers)]
+    tolerance = 1e-4 if precision == "fp32" else 2e-2
+    assert np.allclose(losses[0], losses[1], rtol=tolerance), (losses[0], losses[1])
+    # after the new lr (which drops the graphs): the smaller batch warmed up, was captured and replayed
+    assert trainers[1]._graphs[(3, *SMALL.input_shape)].graph is not None
+    eager, graphed = (backend.export_weights(m) for m in models)
+    for name, value in eager.items():
+        assert rel_err(graphed[name], value) < tolerance, name

@@ -142,8 +142,11 @@ def test_ablation_flips_each_speed_up_of_a_backend():
     assert configs(args, "tf", 32, None) == [Config("tf", "alexnet", 32, (("xla", False),))]
     assert configs(args, "tf", 32, {"xla": False}) == [Config("tf", "plain", 32),
                                                        Config("tf", "alexnet", 32, (("xla", True),))]
-    flipped = configs(args, "pt", 128, {"channels_last": False, "compile": False, "stem_matmul": False})
-    assert [c.variant for c in flipped] == ["plain (book)", "channels_last=on", "compile=on", "stem_matmul=on"]
+    resolved = {"channels_last": False, "compile": False, "stem_matmul": False, "fused_sgd": False, "cuda_graphs": False}
+    flipped = configs(args, "pt", 128, resolved, "cpu")
+    assert [c.variant for c in flipped] == ["plain (book)", "channels_last=on", "compile=on", "stem_matmul=on",
+                                            "fused_sgd=on"]  # not cuda_graphs: it acts on a GPU only
+    assert [c.variant for c in configs(args, "pt", 128, resolved, "gpu")][-1] == "cuda_graphs=on"
     assert all(all_speed_ups()[b] for b in training_backends())  # every training backend has one to ablate
 
 
