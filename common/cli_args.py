@@ -53,7 +53,7 @@ def positive_float(text: str) -> float:
 def lr_value(text: str) -> float:
     """--lr: the one rule for learning rates (``common.backend.checked_lr``)."""
     try:
-        return checked_lr(_number(text))
+        return checked_lr(positive_float(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

@@ -117,7 +117,8 @@ def test_tiny_run_writes_json_with_every_figure_and_the_environment(all_backends
     # by the CPU's features: channels-last (alexnet_pt._model.prefers_channels_last) with AVX-512,
     # XLA (alexnet_tf._model.xla_by_default) without
     avx512 = "avx512f" in cpu_flags()
-    assert defaults["pt"] == {"channels_last": avx512, "compile": False, "stem_matmul": False, "precision": "fp32"}
+    assert defaults["pt"] == {"channels_last": avx512, "compile": False, "stem_matmul": False,
+                               "fused_sgd": False, "cuda_graphs": False, "precision": "fp32"}
     assert defaults["tf"] == {"xla": not avx512, "precision": "fp32"}
     assert defaults["mx"] == {"hybridize": True, "precision": "fp32"}
     assert sorted(p.name for p in (out / "logs").iterdir()) and len(list((out / "logs").iterdir())) == 7
