@@ -24,7 +24,7 @@ from .replicas import ReplicaEngine, check_replicas
 from .report import format_table
 from .spec import ModelSpec
 
-BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx", "onnx": "alexnet_onnx"}
+BACKENDS = {"pt": "alexnet_pt", "tf": "alexnet_tf", "mx": "alexnet_mx", "jax": "alexnet_jax", "onnx": "alexnet_onnx"}
 # The public names of every backend module (its __all__ starts with these): one import switches framework.
 # The last four serve the bench: the framework's own matmul peak, waiting for the device, memory, build.
 CONTRACT = (
