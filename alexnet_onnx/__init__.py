@@ -1,6 +1,6 @@
 """AlexNet as an ONNX graph built from ``common.spec``, run by ONNX Runtime (layout NCHW).
 
-A fourth, independent implementation for the parity suite and a deployable artifact: the
+An independent implementation for the parity suite and a deployable artifact: the
 graph is written from the spec exactly as the native models are (no framework exporter in
 between), with the canonical weights as initializers and a dynamic batch dimension::
 

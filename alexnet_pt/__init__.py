@@ -1,7 +1,7 @@
 """AlexNet in PyTorch, built from ``common.spec`` (layout NCHW).
 
 The public names are the contract of ``common.backend.Backend``; switching framework is
-changing this import for ``alexnet_tf`` or ``alexnet_mx``::
+changing this import for another backend's package (``common.backend.BACKENDS``)::
 
     import alexnet_pt as alexnet
     model = alexnet.build()                       # the book's AlexNet, 10 classes

@@ -1,7 +1,7 @@
 """AlexNet in TensorFlow / Keras 3, built from ``common.spec`` (layout NHWC).
 
 The public names are the contract of ``common.backend.Backend``; switching framework is
-changing this import for ``alexnet_pt`` or ``alexnet_mx``::
+changing this import for another backend's package (``common.backend.BACKENDS``)::
 
     import alexnet_tf as alexnet
     model = alexnet.build()                       # the book's AlexNet, 10 classes

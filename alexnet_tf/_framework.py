@@ -34,7 +34,7 @@ if keras.backend.backend() != "tensorflow":
 
 def _allow_gpu_memory_growth() -> None:
     """Let TensorFlow take GPU memory as it needs it, so the other backends in the same
-    process (the parity suite runs all three) still find some. Only possible before the
+    process (the parity suite runs them all in one) still find some. Only possible before the
     GPU is initialised; a user who initialised it already keeps their own setting."""
     for gpu in tf.config.list_physical_devices("GPU"):
         try:

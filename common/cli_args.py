@@ -15,7 +15,7 @@ from .backend import (BACKENDS, MATH_MODES, PRECISIONS, all_speed_ups, capabilit
                       training_backends)
 from .spec import VARIANTS, get_spec
 
-# Exit statuses of the `alexnet` command (the README's "what happens when" table lists them).
+# Exit statuses of the `alexnet` command (docs/training.md's "What happens when" table lists them).
 EXIT_MISMATCH = 1  # a check ran and found a disagreement
 EXIT_ERROR = 2  # bad input: one line on stderr, no traceback
 EXIT_DIVERGED = 3  # training stopped: a loss or a weight became NaN or infinite; the last finite checkpoint is kept

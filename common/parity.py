@@ -1,9 +1,9 @@
 """Numerical parity of every backend against the float64 oracle, ``common.reference``: the
 comparisons behind ``alexnet parity`` and the tests.
 
-No backend is compared with another, so one backend alone is checked for real and a bug all
-three share still fails. Four checks, each with its own tolerance on the relative error
-||a - b|| / ||b|| (``TOLERANCES``; the measurements behind them are in docs/design.md):
+No backend is compared with another, so one backend alone is checked for real and a bug every
+backend shares still fails. Four checks, each with its own tolerance on the relative error
+||a - b|| / ||b|| (``TOLERANCES``; the measurements behind them are in docs/parity.md):
 
 * forward: every layer's output in inference mode, at the spec's input size;
 * loss: the batch-mean cross-entropy from ``loss_and_grads`` and from each ``train_step``;

@@ -1,8 +1,8 @@
 """Data parallelism, the framework-free part: how a global batch is split over N replicas,
 how each replica seeds its dropout, and the record of a replica group.
 
-Each backend runs its framework's own engine (PyTorch DistributedDataParallel, TensorFlow
-``tf.distribute``, MXNet KVStore); what they must agree on to take the same step as one
+Each backend runs its framework's own engine, named in its record (``Capabilities.replicas``);
+what they must agree on to take the same step as one
 replica on the whole batch is here, once:
 
 * **Shards.** Replica ``r`` of ``n`` takes a contiguous slice of the global batch (the first

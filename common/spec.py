@@ -33,7 +33,7 @@ def _positive(value, what: str, layer: str) -> int:
 
 @dataclass(frozen=True)
 class Conv2d:
-    """2-D convolution with explicit zero padding (never 'same': see docs/design.md's pitfalls)."""
+    """2-D convolution with explicit zero padding (never 'same': docs/design.md says why)."""
 
     name: str
     out_channels: int

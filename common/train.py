@@ -2,7 +2,7 @@
 
 A backend supplies a Trainer (prepare, train_step, eval_step, optimizer state); this
 module owns everything else: batch order, progress bar, metrics files, curves, atomic
-checkpoints, exact resume, signals and divergence handling. So the three frameworks see
+checkpoints, exact resume, signals and divergence handling. So every backend sees
 the same batches in the same order and keep the same records by construction.
 
 Faults, and what survives them:

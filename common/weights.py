@@ -1,7 +1,7 @@
 """Canonical weights: one naming and one layout for every parameter, in every framework.
 
-Layout (PyTorch's, chosen because it is also MXNet's and needs no transposes in two of
-three backends):
+Layout (PyTorch's, chosen because MXNet and ONNX store it too, so only the backends of
+other layouts transpose):
 
 * ``<conv>.weight``: (out_channels, in_channels / groups, kH, kW); ``<conv>.bias``: (out,)
 * ``<dense>.weight``: (out_features, in_features), inputs in the NCHW flatten order

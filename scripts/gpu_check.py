@@ -1,4 +1,4 @@
-"""The prepared GPU check that ``scripts/gpu-check.sh`` runs (see that script and the README).
+"""The prepared GPU check that ``scripts/gpu-check.sh`` runs (see that script and docs/gpus.md).
 
 One run, within a time budget (8 minutes on the GPU machine), from the source tree with only
 numpy, PyTorch and the standard library (no TensorFlow, MXNet, network or installed project):
@@ -61,7 +61,7 @@ RUN_TIMEOUT_S = 570  # the run call's timeout_s: the 480 s budget, pytest's inst
 RUN_CALL = f'run(command="bash scripts/gpu-check.sh", carry=[".gpu-carry"], timeout_s={RUN_TIMEOUT_S})'
 SUMMARY_JSON, SUMMARY_MD, LOG, CURVES, ARCHIVE = (
     "gpu-check.json", "gpu-check.md", "gpu-check.log", "train-curves.png", "gpu-check-runs.tar.gz")
-BOOK_TEST_ACC, BOOK_RANGE = 0.88, (0.86, 0.89)  # D2L 8.1 after 10 epochs (README: "What to expect")
+BOOK_TEST_ACC, BOOK_RANGE = 0.88, (0.86, 0.89)  # D2L 8.1 after 10 epochs (docs/training.md: "What to expect")
 # (precision, math mode), most wanted first: the last are skipped first when time runs short.
 # Under bf16 autocast the products run in bf16 whatever the math mode, so bf16/fp32 comes last.
 BENCH_CONFIGS = (("fp32", "fp32"), ("fp32", "tf32"), ("bf16", "tf32"), ("bf16", "fp32"))

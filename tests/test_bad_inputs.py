@@ -7,7 +7,7 @@ every file in the folders involved, before and after). Cases run in-process thro
 ``common.cli.main``; signals go to a real subprocess. Training cases use PyTorch at 65x65 on
 a few synthetic images (``FashionMNIST.load`` is replaced), so the suite needs neither the
 real data nor minutes; the data-file cases run the real reader on files written here.
-The README's "What happens when" table summarises these cases.
+docs/training.md's "What happens when" table summarises these cases.
 """
 from __future__ import annotations
 

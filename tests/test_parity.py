@@ -1,10 +1,10 @@
 """Numerical parity: every backend against the float64 oracle (common.parity), never against
-another backend, so each one is checked on its own and a bug shared by all three fails.
+another backend, so each one is checked on its own and a bug shared by every backend fails.
 
 Checked: every layer's output (inference), the loss, every parameter's gradient, and every
 parameter's change after 3 SGD steps with momentum 0.9 and weight decay 5e-4 through the
 backend's own Trainer. Tolerances: common.parity.TOLERANCES (measured margins in
-docs/design.md). Weights and inputs are fresh each run; the seed is printed (replay:
+docs/parity.md). Weights and inputs are fresh each run; the seed is printed (replay:
 ALEXNET_TEST_SEED=N). tests/test_parity_mutations.py shows each check failing on planted bugs.
 """
 import os

@@ -1,11 +1,11 @@
-"""Fashion-MNIST for all three backends: files, download, loading, batch order, preprocessing.
+"""Fashion-MNIST for every backend: files, download, loading, batch order, preprocessing.
 
-Everything that must be identical across PyTorch, TensorFlow/Keras and MXNet lives
+Everything that must be identical across the frameworks lives
 here, in numpy, once: the bytes that are read (verified by SHA-256), the order in
 which examples are visited (a seeded permutation per epoch), and the input pipeline
 (scale to [0, 1], bilinear resize as two matrix products, normalise).  A backend only
-moves a uint8 batch to its device and multiplies by the same matrices, so the three
-implementations see the same numbers and can be compared with each other.
+moves a uint8 batch to its device and multiplies by the same matrices, so every
+backend sees the same numbers and they can be compared with each other.
 
 One module per concern; this file only gathers their public names:
 

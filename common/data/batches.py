@@ -3,7 +3,7 @@
 The order in which examples are visited is a seeded permutation per epoch; the input
 pipeline scales to [0, 1], resizes bilinearly as two matrix products and normalises with
 fixed constants.  A backend only moves a uint8 batch to its device and multiplies by the
-same matrices, so the three implementations see the same numbers.
+same matrices, so every backend sees the same numbers.
 """
 
 from __future__ import annotations
