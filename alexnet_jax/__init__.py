@@ -20,7 +20,7 @@ from common.train import bound_fit as _bound_fit
 
 # Read by common without importing JAX: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
-    name="jax", framework="JAX", extra="jax", layout="NHWC",
+    name="jax", framework="JAX", extra="jax", package="jax", layout="NHWC",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("donate", "donate", "buffer donation: the jitted step writes the new weights and momentum "
@@ -28,7 +28,7 @@ CAPABILITIES = Capabilities(
     ),
     native_suffixes=(".msgpack",),
     exports=(
-        Artifact(".jax_exported", "import jax, numpy; exported = jax.export.deserialize(bytearray(open(path, 'rb')"
+        Artifact(".jax_exported", "import jax.export, numpy; exported = jax.export.deserialize(bytearray(open(path, 'rb')"
                  ".read())); run = lambda x: numpy.asarray(exported.call(x))"),
     ),
     recorded_variables=("XLA_FLAGS", "JAX_PLATFORMS", "JAX_DEFAULT_MATMUL_PRECISION"),

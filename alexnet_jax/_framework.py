@@ -95,7 +95,7 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
     if not _backend_started() and jax.config.jax_num_cpu_devices < replicas:
         jax.config.update("jax_num_cpu_devices", replicas)  # acts on the CPU only; GPUs are what they are
     where = resolve_device(device)
-    found = devices(where)
+    found = jax.devices(PLATFORMS[where])  # every process's devices after jax.distributed.initialize()
     if len(found) < replicas:
         hint = (f"set XLA_FLAGS=--xla_force_host_platform_device_count={replicas} before JAX starts"
                 if where == "cpu" else "")

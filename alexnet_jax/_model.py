@@ -274,8 +274,8 @@ def forward(model: AlexNet, x, *, training: bool = False, capture: bool = False)
                   lambda: lambda params, x, key: apply(module, params, x, training=training, key=key, capture=capture))
     out = run(model.params, x, _next_key(model) if training else None)
     if capture:
-        logits, captured = out
-        return np.asarray(logits), {name: np.asarray(value) for name, value in captured.items()}
+        logits, captured = out  # a dict comes back from jit with its keys sorted: the spec's order again
+        return np.asarray(logits), {layer.name: np.asarray(captured[layer.name]) for layer in model.spec.layers}
     return np.asarray(out)
 
 
@@ -350,6 +350,8 @@ def export_artifacts(model: AlexNet, folder) -> list[Path]:
         jax.export.deserialize(bytearray(open(path, "rb").read())).call(x)   # x: float32 NHWC
 
     Loading needs JAX alone, no Flax and no project code."""
+    import jax.export  # a submodule JAX does not import by itself
+
     spec = model_spec(model)
     module, params = model.module(), jax.tree.map(np.asarray, model.params)
     batch = jax.export.symbolic_shape("batch")

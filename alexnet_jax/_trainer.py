@@ -140,7 +140,11 @@ class Trainer(TrainerBase):
         whole, split = P(), P(REPLICA_AXIS)
         sharded = jax.shard_map(replica_step, mesh=mesh, in_specs=(whole, whole, whole, split, split, split, split,
                                                                    whole, whole),
-                                out_specs=(whole, whole, whole, whole, whole))
+                                out_specs=(whole, whole, whole, whole, whole),
+                                # untyped replication: the gradient of the replicated parameters is each
+                                # replica's own, summed by the psum above (with check_vma JAX would sum it
+                                # itself when differentiating, and the psum would count it N times)
+                                check_vma=False)
 
         def step(params, buffers, scale, x, labels, rows, weights, seeds, lr):
             batch = jnp.float32(labels.shape[0])

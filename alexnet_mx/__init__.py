@@ -19,7 +19,7 @@ from common.train import bound_fit as _bound_fit
 
 # Read by common without importing MXNet: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
-    name="mx", framework="MXNet", extra="mxnet", layout="NCHW",
+    name="mx", framework="MXNet", extra="mxnet", package="mxnet", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("hybridize", "hybridize", "hybridize(static_alloc=True, static_shape=True)",

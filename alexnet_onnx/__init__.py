@@ -19,7 +19,7 @@ from common.backend import bound_layer_summary as _bound_layer_summary
 
 # Read by common without importing ONNX Runtime: literals and Artifact(...) only.
 CAPABILITIES = Capabilities(
-    name="onnx", framework="ONNX Runtime", extra="onnx", layout="NCHW",
+    name="onnx", framework="ONNX Runtime", extra="onnx", package="onnxruntime", layout="NCHW",
     precisions=("fp32",), math_modes=("fp32",), devices=("cpu", "gpu"), speed_ups=(),
     native_suffixes=(".onnx",), trains=False,
     exports=(

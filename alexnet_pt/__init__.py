@@ -18,7 +18,7 @@ from common.train import bound_fit as _bound_fit
 
 # Read by common without importing PyTorch: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
-    name="pt", framework="PyTorch", extra="torch", layout="NCHW",
+    name="pt", framework="PyTorch", extra="torch", package="torch", layout="NCHW",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("channels_last", "channels_last", "channels-last memory format (oneDNN / cuDNN NHWC kernels); "

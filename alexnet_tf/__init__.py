@@ -20,7 +20,7 @@ from common.train import bound_fit as _bound_fit
 
 # Read by common without importing TensorFlow: literals, SpeedUp(...), ReplicaEngine(...) and Artifact(...) only.
 CAPABILITIES = Capabilities(
-    name="tf", framework="TensorFlow", extra="tensorflow", layout="NHWC",
+    name="tf", framework="TensorFlow", extra="tensorflow", package="tensorflow", layout="NHWC",
     precisions=("fp32", "bf16", "fp16"), math_modes=("fp32", "tf32"), devices=("cpu", "gpu"),
     speed_ups=(
         SpeedUp("xla", "jit_compile", "XLA-compiled train step (tf.function(jit_compile=True)); default on "

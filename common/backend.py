@@ -86,6 +86,7 @@ class Capabilities:
     name: str  # "pt": the --backend value
     framework: str  # "PyTorch"
     extra: str  # the pip extra that installs the framework
+    package: str  # the framework's top-level module, looked for (importlib.util.find_spec) without importing it
     layout: str  # "NCHW" or "NHWC": activations and inputs
     precisions: tuple[str, ...]  # training precisions (subset of PRECISIONS)
     math_modes: tuple[str, ...]  # float32 math modes it can switch (subset of MATH_MODES)

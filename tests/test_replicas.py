@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 
 from common import ROOT
+from common.backend import capabilities
 from common.launch import Process, replica_processes, run_processes
 from common.replicas import ReplicaGroup, check_replicas, free_port, replica_seed, shard, shard_bounds
 from common.spec import book_alexnet
@@ -82,15 +83,13 @@ def test_a_group_knows_its_writer():
 
 
 # ------------------------------------------------------------------ the proof
-FRAMEWORKS = {"pt": "torch", "tf": "tensorflow", "mx": "mxnet"}
-
-
 def get_backend(name: str) -> None:
     """Skip (fail in CI) without the framework; it is imported by the worker processes only."""
-    if importlib.util.find_spec(FRAMEWORKS[name]) is None:
+    package = capabilities(name).package
+    if importlib.util.find_spec(package) is None:
         if REQUIRE_ALL:
-            raise ImportError(f"{FRAMEWORKS[name]} is not installed")
-        pytest.skip(f"{FRAMEWORKS[name]} is not installed")
+            raise ImportError(f"{package} is not installed")
+        pytest.skip(f"{package} is not installed")
 
 
 def _run(processes: list[Process], tmp_path: Path) -> None:
@@ -163,7 +162,12 @@ def _check_equivalent(result: dict[str, np.ndarray], engine: str) -> dict[str, f
     return worst
 
 
-@pytest.mark.parametrize("name, engine", [("tf", "mirrored"), ("mx", "device")])
+# Every single-process engine of the registry (Capabilities.replicas): one process drives both replicas.
+IN_ONE_PROCESS = [(name, engine.name) for name in TRAINING_BACKENDS for engine in capabilities(name).replicas
+                  if not engine.processes]
+
+
+@pytest.mark.parametrize("name, engine", IN_ONE_PROCESS)
 def test_two_replicas_in_one_process_take_one_replica_step(name, engine, tmp_path):
     get_backend(name)
     _run([Process(_worker(name, 2, tmp_path / "run"))], tmp_path)
