@@ -35,6 +35,7 @@ CAPABILITIES = Capabilities(
     # Read when JAX is imported: the precision of float32 matrix products and convolutions on a GPU.
     math_variables=(("fp32", "JAX_DEFAULT_MATMUL_PRECISION", "highest"),
                     ("tf32", "JAX_DEFAULT_MATMUL_PRECISION", "tensorfloat32")),
+    compile_cache_variable="JAX_COMPILATION_CACHE_DIR",
     replicas=(
         ReplicaEngine("mesh", "jax.sharding Mesh over N local devices (GPUs, or CPU devices), one process, the "
                       "step as shard_map with a psum of the gradients; several machines: jax.distributed.initialize"),

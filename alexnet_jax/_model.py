@@ -21,7 +21,7 @@ from common.weights import (DTYPE, WeightsError, build_recipe, check_arrays, fir
                             nhwc_flatten_permutation, resolve_weights)
 
 from . import CAPABILITIES
-from ._framework import DTYPES, device_of_kind, flax_serialization, jax, jnp, nn, replica_mesh
+from ._framework import device_of_kind, flax_serialization, jax, jnp, nn, replica_mesh
 from ._layers import adaptive_avg_pool, local_response_norm
 
 
@@ -77,16 +77,9 @@ class AlexNet:
         self.spec, self.device, self.placement = spec, device, placement
         self.params: dict | None = None
         self.draws = 0  # training-mode forwards outside a trainer take dropout keys 0, 1, 2 ...
-        self.memo: dict = {}  # modules and jitted functions, per model
 
     def __repr__(self) -> str:
         return f"alexnet_jax.AlexNet({self.spec.name!r}, input {self.spec.input_shape}, on {self.device})"
-
-    def module(self, precision: str = "fp32") -> AlexNetModule:
-        key = ("module", precision)
-        if key not in self.memo:
-            self.memo[key] = AlexNetModule(self.spec, DTYPES[precision])
-        return self.memo[key]
 
 
 def model_spec(model: AlexNet) -> S.ModelSpec:
@@ -253,10 +246,17 @@ def apply(module: AlexNetModule, params, x, *, training: bool, key=None, capture
     return module.apply({"params": params}, x, training=training, capture=capture, rngs=rngs)
 
 
-def _jitted(model: AlexNet, name: str, make: Callable[[], Callable]) -> Callable:
-    if name not in model.memo:
-        model.memo[name] = jax.jit(make())
-    return model.memo[name]
+@functools.lru_cache(maxsize=64)
+def _jitted(spec: S.ModelSpec, what: str, training: bool = False, capture: bool = False) -> Callable:
+    """One jitted function per network and kind, shared by every model of that network (no
+    recompilation for a new model of the same spec): "forward" or "loss_and_grads"."""
+    module = AlexNetModule(spec)
+    if what == "forward":
+        return jax.jit(lambda params, x, key: apply(module, params, x, training=training, key=key, capture=capture))
+
+    def loss(params, x, labels, key):
+        return jnp.mean(cross_entropy(apply(module, params, x, training=True, key=key), labels))
+    return jax.jit(jax.value_and_grad(loss))
 
 
 def _next_key(model: AlexNet):
@@ -269,10 +269,8 @@ def forward(model: AlexNet, x, *, training: bool = False, capture: bool = False)
     by name (NHWC for images; 2-D after Flatten, whose columns are in (H, W, C) order:
     ``flatten_jax == flatten_nchw[:, common.weights.nhwc_flatten_permutation(spec)]``)."""
     x = as_input(model, x)
-    module = model.module()
-    run = _jitted(model, f"forward-{training}-{capture}",
-                  lambda: lambda params, x, key: apply(module, params, x, training=training, key=key, capture=capture))
-    out = run(model.params, x, _next_key(model) if training else None)
+    out = _jitted(model_spec(model), "forward", training, capture)(model.params, x,
+                                                                   _next_key(model) if training else None)
     if capture:
         logits, captured = out  # a dict comes back from jit with its keys sorted: the spec's order again
         return np.asarray(logits), {layer.name: np.asarray(captured[layer.name]) for layer in model.spec.layers}
@@ -284,14 +282,7 @@ def loss_and_grads(model: AlexNet, x, labels) -> tuple[float, dict[str, np.ndarr
     mode (dropout as the spec says)."""
     x = as_input(model, x)
     labels = as_labels(labels, model.spec.num_classes)
-    module = model.module()
-
-    def make():
-        def loss(params, x, labels, key):
-            return jnp.mean(cross_entropy(apply(module, params, x, training=True, key=key), labels))
-        return jax.value_and_grad(loss)
-
-    value, grads = _jitted(model, "loss_and_grads", make)(model.params, x, labels, _next_key(model))
+    value, grads = _jitted(model.spec, "loss_and_grads")(model.params, x, labels, _next_key(model))
     return float(value), canonical_arrays(model.spec, grads)
 
 
@@ -353,7 +344,7 @@ def export_artifacts(model: AlexNet, folder) -> list[Path]:
     import jax.export  # a submodule JAX does not import by itself
 
     spec = model_spec(model)
-    module, params = model.module(), jax.tree.map(np.asarray, model.params)
+    module, params = AlexNetModule(spec), jax.tree.map(np.asarray, model.params)
     batch = jax.export.symbolic_shape("batch")
     signature = jax.ShapeDtypeStruct((*batch, *spec.input_size, spec.in_channels), jnp.float32)
     serve = jax.jit(lambda x: apply(module, params, x, training=False))

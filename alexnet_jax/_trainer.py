@@ -29,18 +29,22 @@ masks from ``common.replicas.replica_seed(seed, r, N)``.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from common.backend import TrainerBase
+from common.spec import ModelSpec
 from common.replicas import SINGLE, replica_seed, shard_bounds
 from common.weights import (LOSS_SCALE_FACTOR, LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, LOSS_SCALED_PRECISIONS,
                             MOMENTUM_PREFIX, loss_scale_entries, momentum_buffers, split_loss_scale)
 
 from . import CAPABILITIES
-from ._framework import REPLICA_AXIS, jax, jnp, replica_group, replica_mesh
-from ._model import (apply, as_labels, canonical_arrays, correct_count, cross_entropy, model_spec, native_tree)
+from ._framework import DTYPES, REPLICA_AXIS, jax, jnp, replica_group, replica_mesh
+from ._model import (AlexNetModule, apply, as_labels, canonical_arrays, correct_count, cross_entropy, model_spec,
+                     native_tree)
 
 
 class Trainer(TrainerBase):
@@ -61,15 +65,11 @@ class Trainer(TrainerBase):
                              f"alexnet_jax.configure_replicas({replicas}) before building it")
         self.donate = True if donate is None else bool(donate)
         self._lr = float(lr)
-        self._module = model.module(precision)
         # The state the step carries: {} where a part is absent (no momentum; no loss scale).
         self._buffers = jax.tree.map(jnp.zeros_like, model.params) if self.momentum else {}
         self._scale = self._scale_state(LOSS_SCALE_INITIAL, 0) if precision in LOSS_SCALED_PRECISIONS else {}
-        donated = (0, 1, 2) if self.donate else ()
-        self._train = jax.jit(self._single_step if replicas == 1 else self._replicated_step(mesh),
-                              donate_argnums=donated)
-        self._eval = jax.jit(self._eval_fn)
-        self._prepare = jax.jit(self._prepare_fn)
+        rule = StepRule(self.spec, precision, self.momentum, self.weight_decay)
+        self._train, self._eval, self._prepare = compiled_steps(rule, mesh if replicas > 1 else None, self.donate)
         self._resize: dict[tuple[int, int], tuple] = {}
 
     def _scale_state(self, scale: float, good_steps: int) -> dict:
@@ -87,84 +87,6 @@ class Trainer(TrainerBase):
 
         return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
 
-    # ---------------------------------------------------------------- the jitted bodies
-    def _gradients(self, params, scale, x, labels, weights, batch, key):
-        """(gradients of the scaled loss, loss, correct): the loss is the weighted examples' summed
-        cross entropy over ``batch`` (every weight 1 and ``batch`` the rows: the batch mean)."""
-
-        def loss_fn(params):
-            logits = apply(self._module, params, x, training=True, key=key)
-            loss = jnp.sum(cross_entropy(logits, labels) * weights) / batch
-            scaled = loss * scale["scale"] if scale else loss
-            return scaled, (loss, jnp.sum((jnp.argmax(logits, -1) == labels) * weights.astype(jnp.int32)))
-
-        grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(params)
-        return grads, loss, correct
-
-    def _update(self, params, buffers, scale, grads, lr):
-        """PyTorch's SGD step of every parameter; with a loss scale, the gradients unscaled, the
-        update kept only if they are all finite, and the scale's rule (module docstring)."""
-        if scale:
-            grads = jax.tree.map(lambda g: g / scale["scale"], grads)
-        if self.weight_decay:
-            grads = jax.tree.map(lambda g, w: g + self.weight_decay * w, grads, params)
-        if self.momentum:
-            new_buffers = jax.tree.map(lambda b, g: self.momentum * b + g, buffers, grads)
-            new_params = jax.tree.map(lambda w, b: w - lr * b, params, new_buffers)
-        else:
-            new_buffers, new_params = buffers, jax.tree.map(lambda w, g: w - lr * g, params, grads)
-        if not scale:
-            return new_params, new_buffers, scale
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        grow = finite & (scale["good"] + 1 >= LOSS_SCALE_GROWTH_INTERVAL)
-        new_scale = {"scale": jnp.where(grow, scale["scale"] * LOSS_SCALE_FACTOR,
-                                        jnp.where(finite, scale["scale"], scale["scale"] / LOSS_SCALE_FACTOR)),
-                     "good": jnp.where(finite & ~grow, scale["good"] + 1, 0).astype(jnp.int32)}
-        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_buffers, buffers), new_scale
-
-    def _single_step(self, params, buffers, scale, x, labels, seed, lr):
-        weights = jnp.ones(labels.shape, jnp.float32)
-        grads, loss, correct = self._gradients(params, scale, x, labels, weights, labels.shape[0],
-                                               jax.random.key(seed))
-        return (*self._update(params, buffers, scale, grads, lr), loss, correct)
-
-    def _replicated_step(self, mesh):
-        from jax.sharding import PartitionSpec as P
-
-        def replica_step(params, buffers, scale, x, labels, weights, seeds, lr, batch):
-            grads, loss, correct = self._gradients(params, scale, x, labels, weights, batch, jax.random.key(seeds[0]))
-            grads, loss, correct = jax.lax.psum((grads, loss, correct), REPLICA_AXIS)
-            return (*self._update(params, buffers, scale, grads, lr), loss, correct)
-
-        whole, split = P(), P(REPLICA_AXIS)
-        sharded = jax.shard_map(replica_step, mesh=mesh, in_specs=(whole, whole, whole, split, split, split, split,
-                                                                   whole, whole),
-                                out_specs=(whole, whole, whole, whole, whole),
-                                # untyped replication: the gradient of the replicated parameters is each
-                                # replica's own, summed by the psum above (with check_vma JAX would sum it
-                                # itself when differentiating, and the psum would count it N times)
-                                check_vma=False)
-
-        def step(params, buffers, scale, x, labels, rows, weights, seeds, lr):
-            batch = jnp.float32(labels.shape[0])
-            return sharded(params, buffers, scale, jnp.take(x, rows, axis=0), jnp.take(labels, rows), weights,
-                           seeds, lr, batch)
-
-        return step
-
-    def _eval_fn(self, params, x, labels):
-        logits = apply(self._module, params, x, training=False)
-        return jnp.sum(cross_entropy(logits, labels)), correct_count(logits, labels)
-
-    def _prepare_fn(self, images, rows, cols):
-        from common.data import NORMALIZE_MEAN, NORMALIZE_STD
-
-        x = images.astype(jnp.float32) / 255.0
-        x = jnp.einsum("Hh,nhw,Ww->nHW", rows, x, cols)
-        x = (x - NORMALIZE_MEAN) / NORMALIZE_STD
-        return jnp.repeat(x[..., None], self.spec.in_channels, axis=-1)
-
     # ------------------------------------------------------------------- the protocol
     def prepare(self, images: np.ndarray):
         """uint8 (N, h, w) -> float32 (N, H, W, C) on the model's device, as common.data.preprocess
@@ -180,7 +102,8 @@ class Trainer(TrainerBase):
             height, width = self.spec.input_size
             self._resize[key] = jax.device_put((resize_matrix(key[0], height), resize_matrix(key[1], width)),
                                                self.model.placement)
-        return self._prepare(jax.device_put(images, self.model.placement), *self._resize[key])
+        return self._prepare(jax.device_put(images, self.model.placement), *self._resize[key],
+                             self.spec.in_channels)
 
     def _input(self, x):
         if isinstance(x, jax.Array):
@@ -228,6 +151,108 @@ class Trainer(TrainerBase):
                 else jax.tree.map(jnp.zeros_like, self.model.params)
         if loss_scale is not None:
             self._scale = self._scale_state(*loss_scale)
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """What a trainer's jitted functions compute, and all they depend on besides their arguments:
+    equal rules share one compilation (``compiled_steps``), so a new trainer for the same network
+    and hyper-parameters (a resumed run, the next test) does not compile again."""
+
+    spec: ModelSpec
+    precision: str
+    momentum: float
+    weight_decay: float
+
+    def module(self) -> AlexNetModule:
+        return AlexNetModule(self.spec, DTYPES[self.precision])
+
+    def gradients(self, params, scale, x, labels, weights, batch, key):
+        """(gradients of the scaled loss, loss, correct): the loss is the weighted examples' summed
+        cross entropy over ``batch`` (every weight 1 and ``batch`` the rows: the batch mean)."""
+
+        def loss_fn(params):
+            logits = apply(self.module(), params, x, training=True, key=key)
+            loss = jnp.sum(cross_entropy(logits, labels) * weights) / batch
+            scaled = loss * scale["scale"] if scale else loss
+            return scaled, (loss, jnp.sum((jnp.argmax(logits, -1) == labels) * weights.astype(jnp.int32)))
+
+        grads, (loss, correct) = jax.grad(loss_fn, has_aux=True)(params)
+        return grads, loss, correct
+
+    def update(self, params, buffers, scale, grads, lr):
+        """PyTorch's SGD step of every parameter; with a loss scale, the gradients unscaled, the
+        update kept only if they are all finite, and the scale's rule (module docstring)."""
+        if scale:
+            grads = jax.tree.map(lambda g: g / scale["scale"], grads)
+        if self.weight_decay:
+            grads = jax.tree.map(lambda g, w: g + self.weight_decay * w, grads, params)
+        if self.momentum:
+            new_buffers = jax.tree.map(lambda b, g: self.momentum * b + g, buffers, grads)
+            new_params = jax.tree.map(lambda w, b: w - lr * b, params, new_buffers)
+        else:
+            new_buffers, new_params = buffers, jax.tree.map(lambda w, g: w - lr * g, params, grads)
+        if not scale:
+            return new_params, new_buffers, scale
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        grow = finite & (scale["good"] + 1 >= LOSS_SCALE_GROWTH_INTERVAL)
+        new_scale = {"scale": jnp.where(grow, scale["scale"] * LOSS_SCALE_FACTOR,
+                                        jnp.where(finite, scale["scale"], scale["scale"] / LOSS_SCALE_FACTOR)),
+                     "good": jnp.where(finite & ~grow, scale["good"] + 1, 0).astype(jnp.int32)}
+        return jax.tree.map(keep, new_params, params), jax.tree.map(keep, new_buffers, buffers), new_scale
+
+    def single_step(self, params, buffers, scale, x, labels, seed, lr):
+        weights = jnp.ones(labels.shape, jnp.float32)
+        grads, loss, correct = self.gradients(params, scale, x, labels, weights, labels.shape[0],
+                                               jax.random.key(seed))
+        return (*self.update(params, buffers, scale, grads, lr), loss, correct)
+
+    def replicated_step(self, mesh):
+        from jax.sharding import PartitionSpec as P
+
+        def replica_step(params, buffers, scale, x, labels, weights, seeds, lr, batch):
+            grads, loss, correct = self.gradients(params, scale, x, labels, weights, batch, jax.random.key(seeds[0]))
+            grads, loss, correct = jax.lax.psum((grads, loss, correct), REPLICA_AXIS)
+            return (*self.update(params, buffers, scale, grads, lr), loss, correct)
+
+        whole, split = P(), P(REPLICA_AXIS)
+        sharded = jax.shard_map(replica_step, mesh=mesh, in_specs=(whole, whole, whole, split, split, split, split,
+                                                                   whole, whole),
+                                out_specs=(whole, whole, whole, whole, whole),
+                                # untyped replication: the gradient of the replicated parameters is each
+                                # replica's own, summed by the psum above (with check_vma JAX would sum it
+                                # itself when differentiating, and the psum would count it N times)
+                                check_vma=False)
+
+        def step(params, buffers, scale, x, labels, rows, weights, seeds, lr):
+            batch = jnp.float32(labels.shape[0])
+            return sharded(params, buffers, scale, jnp.take(x, rows, axis=0), jnp.take(labels, rows), weights,
+                           seeds, lr, batch)
+
+        return step
+
+    def eval_fn(self, params, x, labels):
+        logits = apply(self.module(), params, x, training=False)
+        return jnp.sum(cross_entropy(logits, labels)), correct_count(logits, labels)
+
+    def prepare_fn(self, images, rows, cols, channels):
+        from common.data import NORMALIZE_MEAN, NORMALIZE_STD
+
+        x = images.astype(jnp.float32) / 255.0
+        x = jnp.einsum("Hh,nhw,Ww->nHW", rows, x, cols)
+        x = (x - NORMALIZE_MEAN) / NORMALIZE_STD
+        return jnp.repeat(x[..., None], channels, axis=-1)
+
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_steps(rule: StepRule, mesh, donate: bool):
+    """(train step, eval step, prepare) jitted for ``rule``: one replica, or a shard_map over ``mesh``.
+    With ``donate`` the train step's state arguments (parameters, buffers, loss scale) are donated."""
+    train = rule.single_step if mesh is None else rule.replicated_step(mesh)
+    return (jax.jit(train, donate_argnums=(0, 1, 2) if donate else ()), jax.jit(rule.eval_fn),
+            jax.jit(rule.prepare_fn, static_argnums=3))
 
 
 def _padded_shards(batch: int, replicas: int) -> tuple[np.ndarray, np.ndarray]:

@@ -105,6 +105,9 @@ class Capabilities:
     # (math mode, variable, value): what the framework must find in the environment when it is
     # imported for that float32 math mode (``math_environment``), where a switch after import cannot act.
     math_variables: tuple[tuple[str, str, str], ...] = ()
+    # The variable naming a folder where the framework keeps compiled programs across processes (none:
+    # it keeps none); the test suite points it at one folder for the whole run.
+    compile_cache_variable: str = ""
     # Model-zoo containers (``common.zoo``) this backend reads and writes, through its
     # ``read_container(path)`` and ``write_container(path, arrays)``.
     containers: tuple[str, ...] = ()

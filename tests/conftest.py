@@ -6,15 +6,28 @@ ALEXNET_REQUIRE_ALL_BACKENDS=1 (CI sets it): there a missing framework fails the
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from common.backend import BACKENDS, load_backend, training_backends
+from common.backend import BACKENDS, capabilities, load_backend, training_backends
 
 REQUIRE_ALL = os.environ.get("ALEXNET_REQUIRE_ALL_BACKENDS") == "1"
+
+# Frameworks that compile keep their compiled programs in one folder for the whole run (their records'
+# compile_cache_variable), in this process and the commands the tests start: the same network compiles
+# once, not once per test. Set before any framework is imported; a cache the user set is theirs.
+_CACHE_VARIABLES = {capabilities(name).compile_cache_variable for name in BACKENDS} - {""}
+if _CACHE_VARIABLES - set(os.environ):
+    _COMPILED = tempfile.mkdtemp(prefix="alexnet-test-compiled-")
+    atexit.register(shutil.rmtree, _COMPILED, ignore_errors=True)
+    for _variable in _CACHE_VARIABLES - set(os.environ):
+        os.environ[_variable] = str(Path(_COMPILED) / _variable.lower())
 TRAINING_BACKENDS = training_backends()  # the cross-backend tests train or compare training
 REAL_DATA = Path(os.environ.get("ALEXNET_DATA_DIR", Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist"))
 
