@@ -88,7 +88,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                     "matrix-multiply rate each framework measures on the same device. Writes a table, "
                     "bench.json and bench.png.",
     )
-    p.add_argument("--backends", type=backend_list, default="all", metavar="pt,tf,mx,onnx",
+    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS),
                    help="default all: the backends that train; an inference-only one (onnx) is timed where named, "
                         "inference only")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),

@@ -161,6 +161,15 @@ def test_no_file_of_common_but_the_registry_names_a_backend(name):
     assert not offending, f"{offending} name backend {name!r}: read the registry or the record instead"
 
 
+def test_no_file_of_common_types_a_list_of_backends():
+    """A list of backend names written out in common (a metavar, a help text) goes stale with the next
+    backend: such lists are made from the registry."""
+    typed = re.compile(r"\b(" + "|".join(BACKENDS) + r")(,\s?(" + "|".join(BACKENDS) + r")){2,}\b")
+    offending = [f"{path}: {match.group(0)}" for path in tracked_files() if path.startswith("common/")
+                 and path.endswith(".py") for match in typed.finditer((ROOT / path).read_text())]
+    assert not offending, offending
+
+
 def test_the_naming_check_finds_a_planted_name(tmp_path):
     planted = "if backend == 'mx':\n    import alexnet_mx\n"
     assert naming("mx").search(planted) and not naming("pt").search(planted)
