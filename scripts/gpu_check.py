@@ -78,7 +78,8 @@ BENCH_CONFIGS = (("fp32", "fp32"), ("fp32", "tf32"), ("bf16", "tf32"), ("bf16", 
 ABLATE_CONFIGS = (("fp32", "tf32"), ("bf16", "tf32"))
 # In this order: the ablation and the profile get what time the recipes leave.
 STEPS = ("tests", "bench", "train", "ablate", "kernels")
-OPTIONAL_STEPS = ("ablate", "kernels")  # run in the time left: their runs left out for want of it are said, not failures
+# Run in the time left: their runs left out for want of it are said, not failures.
+OPTIONAL_STEPS = ("ablate", "kernels")
 PROFILE_CONFIG = ("bf16", "tf32")  # the profiled step: the precision whose MFU target is not met yet
 PROFILE_SCRIPT = "benchmarks/profile_{backend}.py"  # a backend's kernel profile, where it has one
 BACKEND_TESTS = "tests/test_backend_{backend}.py"  # a backend's own test module, left out where it cannot import
@@ -356,8 +357,10 @@ class Check:
             if env is None:
                 return {"status": "skipped", "reason": self.notes[-1]}
         junit = self.work / "pytest.xml"
+        # a module that cannot be collected (a framework's API moved) is an error in the report, and the others run
         command = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}", *(self.test_args or default_tests(self.summary["environment"]))]
+                   "--continue-on-collection-errors", f"--junitxml={junit}",
+                   *(self.test_args or default_tests(self.summary["environment"]))]
         env = env or python_env()
         if self.data_dir:
             env["ALEXNET_DATA_DIR"] = str(self.data_dir)
@@ -414,8 +417,9 @@ class Check:
                           f"the recipes" + (f" and its runs took {need:.0f} s last time" if last else ""))
                 continue
             for backend in self.backends:
-                run = self._bench_run(f"bench {backend} {label}", f"bench-{backend}-{precision}-{math_mode or 'default'}",
-                                      backend, precision, math_mode, p.bench_batches, [], until)
+                folder = f"bench-{backend}-{precision}-{math_mode or 'default'}"
+                run = self._bench_run(f"bench {backend} {label}", folder, backend, precision, math_mode,
+                                      p.bench_batches, [], until)
                 last[backend] = run["seconds"]
                 if run["status"] == "ok":
                     self.worker_s[backend] = run["seconds"] / len(p.bench_batches)
@@ -983,15 +987,16 @@ def main(argv: list[str] | None = None) -> int:
                       help="on the CPU machine, before the device call: copy Fashion-MNIST and pytest's wheels "
                            "into .gpu-carry/")
     mode.add_argument("--cpu-smoke", action="store_true", help="the same steps on CPU at tiny sizes")
-    parser.add_argument("--budget", type=float, metavar="S", help=f"seconds for the whole check (default: {GPU.budget_s} on "
-                        "the GPU, 600 for --cpu-smoke)")
+    parser.add_argument("--budget", type=float, metavar="S",
+                        help=f"seconds for the whole check (default: {GPU.budget_s} on "
+                        f"the GPU, {SMOKE.budget_s} for --cpu-smoke)")
     parser.add_argument("--data-dir", type=Path, help="Fashion-MNIST (default: .gpu-carry/fashion-mnist if "
                         "prepared, else where `alexnet train` finds it)")
     parser.add_argument("--out", type=Path, help="summary folder (default $OUT, else the work folder)")
     parser.add_argument("--work", type=Path, help="folder for the runs' own files (default runs/gpu-check-MODE-TIME)")
     parser.add_argument("--tests", type=shlex.split, metavar="'ARG ...'",
                         help="what pytest -m gpu runs, one quoted string (default: tests, less the own module "
-                             f"{BACKEND_TESTS} of each backend whose framework does not import)")
+                             f"{BACKEND_TESTS.format(backend='NAME')} of each backend whose framework does not import)")
     parser.add_argument("--backends", type=backend_names, metavar="NAME,...",
                         help="the backends to run, of those that can (default: every backend that trains, lists a GPU "
                              "and, on the GPU, computes there; with --cpu-smoke, that imports here)")
@@ -999,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="bench configurations, most wanted first (default: "
                              + ",".join(f"{p}:{m}" for p, m in BENCH_CONFIGS) + "; none: no bench)")
     parser.add_argument("--ablate-configs", type=bench_configs, default=ABLATE_CONFIGS, metavar="PRECISION:MATH,...",
-                        help="ablation configurations, run after the recipe in the time left (default: "
+                        help="ablation configurations, run after the recipes in the time left (default: "
                              + ",".join(f"{p}:{m}" for p, m in ABLATE_CONFIGS) + "; none: no ablation)")
     args = parser.parse_args(argv)
     print(f"gpu-check: the device call: {RUN_CALL} (after scripts/gpu-check.sh --prepare here)", flush=True)
