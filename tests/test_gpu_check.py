@@ -102,6 +102,35 @@ def test_each_recipe_leaves_its_reserve_to_the_later_ones(tmp_path, monkeypatch)
     assert deadlines[second] == check.deadline - module.GRACE_S
 
 
+def test_the_bench_starts_a_configuration_only_when_the_runs_of_all_its_backends_fit(tmp_path, monkeypatch):
+    """Side by side or not at all: a configuration starts when the time its backends' runs took last
+    is left before the recipes' reserve (110 s each); the rest are skipped for every backend, said once."""
+    module = gpu_check()
+    first, second = training_backends()[:2]
+    check = module.Check(module.GPU, tmp_path, tmp_path, None, budget_s=600, backends=[first, second])
+    clock, took = [0.0], {first: 40.0, second: 60.0}
+    check.deadline = 500.0  # the bench may run until 500 - 2 x 110 = 280 s
+    monkeypatch.setattr(check, "left", lambda until=None: (until or check.deadline) - clock[0])
+    monkeypatch.setattr(module, "has_flag", lambda subcommand, flag: True)
+
+    def fake_bench_run(label, folder, backend, precision, math_mode, batches, extra, until, data=None):
+        clock[0] += took[backend]
+        return {"backend": backend, "precision": precision, "math": math_mode, "status": "ok",
+                "seconds": took[backend], "rows": []}
+
+    monkeypatch.setattr(check, "_bench_run", fake_bench_run)
+    bench = check.bench()  # at 0 s and 100 s a configuration starts; at 200 s 80 s are left, 100 s needed
+    assert [(r["backend"], r["precision"], r["math"], r["status"]) for r in bench["runs"]] == [
+        (first, "fp32", "fp32", "ok"), (second, "fp32", "fp32", "ok"),
+        (first, "fp32", "tf32", "ok"), (second, "fp32", "tf32", "ok"),
+        (first, "bf16", "tf32", "skipped"), (second, "bf16", "tf32", "skipped"),
+        (first, "bf16", "fp32", "skipped"), (second, "bf16", "fp32", "skipped")]
+    assert bench["status"] == "partial" and bench["backends"] == [first, second]
+    assert check.notes[0] == ("bench bf16/tf32: skipped, 80 s were left before the 220 s kept for the recipes "
+                              "and its runs took 100 s last time")
+    assert check.worker_s == {first: 20.0, second: 30.0}  # per batch size: what the ablation's estimate uses
+
+
 def test_the_backends_and_test_modules_come_from_what_imports_and_computes_on_the_gpu():
     """Which frameworks the check runs is read from the probe (each backend imported in a child, its
     GPU proven by gpu_status), never a list of names: on the GPU the backends that compute there, in
