@@ -104,12 +104,13 @@ def test_each_recipe_leaves_its_reserve_to_the_later_ones(tmp_path, monkeypatch)
 
 def test_the_bench_starts_a_configuration_only_when_the_runs_of_all_its_backends_fit(tmp_path, monkeypatch):
     """Side by side or not at all: a configuration starts when the time its backends' runs took last
-    is left before the recipes' reserve (110 s each); the rest are skipped for every backend, said once."""
+    is left before the recipes' reserve (recipe_reserve_s each); the rest are skipped for every backend."""
     module = gpu_check()
     first, second = training_backends()[:2]
     check = module.Check(module.GPU, tmp_path, tmp_path, None, budget_s=600, backends=[first, second])
     clock, took = [0.0], {first: 40.0, second: 60.0}
-    check.deadline = 500.0  # the bench may run until 500 - 2 x 110 = 280 s
+    reserve = 2 * module.GPU.recipe_reserve_s
+    check.deadline = 280.0 + reserve  # the bench may run until 280 s
     monkeypatch.setattr(check, "left", lambda until=None: (until or check.deadline) - clock[0])
     monkeypatch.setattr(module, "has_flag", lambda subcommand, flag: True)
 
@@ -126,8 +127,8 @@ def test_the_bench_starts_a_configuration_only_when_the_runs_of_all_its_backends
         (first, "bf16", "tf32", "skipped"), (second, "bf16", "tf32", "skipped"),
         (first, "bf16", "fp32", "skipped"), (second, "bf16", "fp32", "skipped")]
     assert bench["status"] == "partial" and bench["backends"] == [first, second]
-    assert check.notes[0] == ("bench bf16/tf32: skipped, 80 s were left before the 220 s kept for the recipes "
-                              "and its runs took 100 s last time")
+    assert check.notes[0] == (f"bench bf16/tf32: skipped, 80 s were left before the {reserve} s kept for the "
+                              "recipes and its runs took 100 s last time")
     assert check.worker_s == {first: 20.0, second: 30.0}  # per batch size: what the ablation's estimate uses
 
 
