@@ -11,7 +11,7 @@ from common.cli import main
 from common.spec import book_alexnet
 from common.weights import (GOOD_STEPS_KEY, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, LOSS_SCALED_PRECISIONS, init_weights,
                             read_npz, save_weights)
-from tests.conftest import REAL_DATA, TRAINING_BACKENDS
+from tests.conftest import REAL_DATA, TRAINING_BACKENDS, get_backend
 
 
 def run(*args):
@@ -161,6 +161,7 @@ MIXED_PRECISIONS = [(name, precision) for name in training_backends() for precis
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
 @pytest.mark.parametrize("name, precision", MIXED_PRECISIONS, ids=[f"{n}-{p}" for n, p in MIXED_PRECISIONS])
 def test_train_in_mixed_precision_on_the_cpu_where_the_framework_has_it(name, precision, tmp_path):
+    get_backend(name)  # skipped with the reason where the framework is not installed
     run_dir = tmp_path / "run"
     assert main(["train", "--backend", name, "--precision", precision, "--input-size", "65", "--epochs", "1",
                  "--limit-train", "32", "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA),
