@@ -207,8 +207,23 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **e
         if value.dtype == object:
             raise WeightsError(f"{path}: {name} is an object array; only numeric arrays are saved")
     with atomic_file(path) as handle:
-        np.savez(handle, **arrays)
+        write_npz(handle, arrays)
     return path
+
+
+def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez(handle, **arrays)`` with the zip writer closed on every path: where the write fails
+    (a full disk, a second Ctrl-C) the writer is dropped at once instead of being left to the garbage
+    collector, which would try to finish the archive on an already closed file and print a traceback."""
+    archive = zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    try:
+        for name, value in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+        archive.close()
+    except BaseException:
+        archive.fp = None  # nothing left for ZipFile.__del__ to finish: the caller removes the partial file
+        raise
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

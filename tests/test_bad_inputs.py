@@ -407,7 +407,7 @@ def test_a_mirror_that_refuses_is_named_and_nothing_is_left_in_the_cache(tmp_pat
     monkeypatch.setenv("ALEXNET_DATA_MIRROR", f"http://127.0.0.1:{port}/")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(common.data.ENV_VAR, raising=False)
-    monkeypatch.setattr(common.data, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(common.data.dataset, "DEBIAN_DIR", tmp_path / "no-debian-package")  # where the lookup reads it
     refused(capsys, [*TRAIN, "--run-dir", tmp_path / "run"], 2, f"127.0.0.1:{port}", keep=[tmp_path])
 
 
@@ -415,14 +415,42 @@ def test_a_mirror_that_refuses_is_named_and_nothing_is_left_in_the_cache(tmp_pat
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(finished_run, tmp_path, capsys, tiny, monkeypatch):
     run = _copy_run(finished_run, tmp_path)
 
-    def savez_on_a_full_disk(handle, **arrays):
-        handle.write(b"PK\x03\x04 the first bytes")
+    def write_on_a_full_disk(member, array, **kwargs):
+        member.write(b"\x93NUMPY the first bytes")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    monkeypatch.setattr(np.lib.format, "write_array", write_on_a_full_disk)
     refused(capsys, [*TRAIN, "--run-dir", run, "--resume", "--epochs", "2"], 2,
             "could not save the run at the end of epoch 2 (No space left on device)",
             f"the last finite checkpoint, {run / 'checkpoint.npz'}, holds the end of epoch 1", keep=[tmp_path])
+
+
+FAILED_SAVE = """
+import errno, gc, os, sys
+import numpy as np
+from common.weights import save_weights
+def fail(member, array, **kwargs):
+    member.write(b"x" * 100)
+    raise {error}
+np.lib.format.write_array = fail
+try:
+    save_weights(sys.argv[1], {{"w": np.zeros(3, np.float32)}})
+except BaseException as error:
+    print("raised", type(error).__name__)
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("error", ["OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))", "KeyboardInterrupt"],
+                         ids=["full disk", "second signal"])
+def test_a_failed_save_leaves_no_writer_for_the_garbage_collector(error, tmp_path):
+    """A save cut short (a full disk, a second Ctrl-C or SIGTERM) raises once; no half-closed zip writer
+    is left behind to print "Exception ignored in ZipFile.__del__ ... seek of closed file" later."""
+    result = subprocess.run([sys.executable, "-c", FAILED_SAVE.format(error=error), str(tmp_path / "w.npz")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["raised", error.split("(")[0]], result.stderr
+    assert result.stderr == ""
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_frameworks_own_exception_is_one_line(tmp_path, capsys, tiny, monkeypatch):
