@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError, check_finite_input
 from common.io import atomic_path
 from common.shapes import infer
 from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, expected_shapes, resolve_weights
@@ -260,6 +260,7 @@ def forward(model: OnnxAlexNet, x: Any, *, training: bool = False, capture: bool
     if training:
         _refuse("training mode (dropout is the identity in this graph)")
     inputs = as_input(model, x)
+    check_finite_input(inputs)
     spec = model_spec(model)
     if not capture:
         return model.session().run([OUTPUT], {INPUT: inputs})[0]

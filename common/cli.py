@@ -24,10 +24,11 @@ from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, O
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
                        default_run_dir, dropout_rate, lr_value, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
-from .io import write_text_atomic
+from .errors import first_line
+from .io import check_free_space, check_writable, remove_stale_temporaries, write_text_atomic
 from .report import format_table, human_bytes
 from .spec import VARIANTS, SpecError, get_spec
-from .weights import WeightsError
+from .weights import WeightsError, check_finite
 
 # ---------------------------------------------------------------- summary
 def cmd_summary(args) -> int:
@@ -133,7 +134,7 @@ def _fit_kwargs(args, backend: str | None) -> dict:
 def _checked_weights(path: Path, spec):
     """Canonical weights from ``path``, every name, shape and dtype checked against ``spec`` and every
     value finite, before any framework is imported: a bad file is one line naming it and its problems."""
-    from .weights import check_finite, load_weights_file
+    from .weights import load_weights_file
 
     weights = load_weights_file(path, spec)
     check_finite(weights, source=str(path))
@@ -193,10 +194,8 @@ def _evaluate_image_folder(args) -> int:
     """Top-1 and top-5 accuracy over a folder of class folders (``common.images.labelled_images``)."""
     from . import images
     from .parity import to_backend_layout
-    from .weights import check_finite
 
     spec, weights, source = _prediction_weights(args)
-    check_finite(weights, source=source)
     found, rule = images.labelled_images(args.images, spec)
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=weights, device=args.device)
@@ -262,7 +261,7 @@ def cmd_evaluate(args) -> int:
     backend = load_backend(args.backend)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     model = backend.build(spec, weights=weights, device=args.device)
-    n = args.limit_test or len(data.test_labels)
+    n = min(args.limit_test or len(data.test_labels), len(data.test_labels))  # the images really scored
     loss, acc = evaluate(backend, model, data.test_images[:n], data.test_labels[:n], progress=not args.no_progress)
     print(f"{backend.FRAMEWORK}: test loss {loss:.4f}, test accuracy {acc:.4f} on {n:,} images ({args.weights})")
     if not np.isfinite(loss):
@@ -337,6 +336,9 @@ def cmd_convert(args) -> int:
         model = backend.build(spec, device="cpu")
         backend.load_native(model, src)
         weights = backend.export_weights(model)
+    check_finite(weights, source=str(src))  # NaN weights would compute nothing but NaN: refused as evaluate does
+    remove_stale_temporaries(dst.parent)  # what a killed convert left behind
+    check_free_space(dst.parent, sum(np.asarray(v).nbytes for v in weights.values()), what=f"writing {dst}")
     if dst_zoo:
         zoo.write_zoo(dst, weights, dst_zoo, spec)
     elif dst_format == "npz":
@@ -368,12 +370,12 @@ def _artifact_bytes(path: Path) -> int:
 
 
 def cmd_export(args) -> int:
-    from .io import check_writable, remove_stale_temporaries
-
     spec = spec_from(args)
     weights = _checked_weights(args.weights, spec)  # before the framework's import and any file
     check_writable(args.out)
     remove_stale_temporaries(args.out)  # what a killed export left behind (a SavedModel is ~100 MB)
+    artifacts = len(capabilities(args.backend).exports)  # each holds the weights, at most once
+    check_free_space(args.out, artifacts * sum(v.nbytes for v in weights.values()), what=f"the {args.backend} export")
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=weights, device="cpu")
     paths = backend.export_artifacts(model, args.out)
@@ -402,10 +404,17 @@ def cmd_fetch_weights(args) -> int:
 
 # ---------------------------------------------------------------- predict
 def _prediction_weights(args):
-    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz.
+    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz, every value
+    finite (NaN weights would print NaN probabilities).
 
     Without --variant, a zoo file is the torchvision variant and an .npz is the variant whose
     layer shapes it has (the classifier's width read from fc8)."""
+    spec, weights, source = _read_prediction_weights(args)
+    check_finite(weights, source=source)
+    return spec, weights, source
+
+
+def _read_prediction_weights(args):
     from .spec import VARIANTS
     from .weights import check_weights, expected_shapes, read_npz
 
@@ -617,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALEXNET_DEBUG") == "1":
             raise
         print(f"{prefix}: failed: {type(error).__name__} in {_raised_in(error)}: "
-              f"{(str(error).strip().splitlines() or [''])[0]} (ALEXNET_DEBUG=1 shows the traceback)", file=sys.stderr)
+              f"{first_line(error)} (ALEXNET_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -253,11 +253,16 @@ def load_weights_file(path: str | os.PathLike, spec: ModelSpec) -> dict[str, np.
 
 
 def resolve_weights(spec: ModelSpec, weights) -> dict[str, np.ndarray]:
-    """Accept a mapping or a path; return checked canonical weights."""
+    """Accept a mapping or a path; return checked canonical weights, every value finite (what a
+    backend's ``load_weights`` and ``build(weights=...)`` take)."""
     if isinstance(weights, (str, os.PathLike)):
-        return load_weights_file(weights, spec)
-    weights = dict(weights)
-    check_weights(spec, weights)
+        source, weights = str(weights), load_weights_file(weights, spec)
+    elif isinstance(weights, Mapping):
+        source, weights = "weights", dict(weights)
+        check_weights(spec, weights)
+    else:
+        raise WeightsError(f"weights must be a mapping of canonical arrays or an .npz path, got {type(weights).__name__}")
+    check_finite(weights, source=source)
     return weights
 
 

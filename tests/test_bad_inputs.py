@@ -19,10 +19,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -534,3 +537,107 @@ def test_a_signal_to_a_running_train_saves_at_the_next_step_and_exits_128_plus_n
     if signum == signal.SIGTERM:  # and the run goes on from there
         assert main(argv[:-4] + ["--run-dir", str(run), "--resume"]) == 0
         assert "pt epoch 2:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- silently wrong, no more
+def _nan_weights(good_weights, tmp_path) -> Path:
+    return edited(good_weights, tmp_path / "nan.npz", lambda arrays: arrays["conv2.weight"].__setitem__(0, np.nan))
+
+
+def test_predict_refuses_nan_weights(good_weights, tmp_path, capsys):
+    """Before: exit 0 and "nan%" rows. The same refusal as evaluate's, before any image is read."""
+    nan = _nan_weights(good_weights, tmp_path)
+    refused(capsys, ["predict", tmp_path / "no-image.png", "--backend", "pt", "--weights", nan, "--variant", "book",
+                     "--input", "1,65,65"], 2, f"{nan}: non-finite values (NaN or infinity) in conv2.weight",
+            keep=[tmp_path])
+
+
+def test_convert_refuses_nan_weights_and_writes_nothing(good_weights, tmp_path, capsys):
+    nan = _nan_weights(good_weights, tmp_path)
+    refused(capsys, ["convert", nan, tmp_path / "out.npz", "--input", "1,65,65"], 2,
+            f"{nan}: non-finite values (NaN or infinity) in conv2.weight", keep=[tmp_path])
+
+
+def test_evaluate_reports_the_images_really_scored(good_weights, capsys, tiny):
+    assert main(["evaluate", "--backend", "pt", "--input-size", "65", "--weights", str(good_weights),
+                 "--limit-test", "100000000", "--no-progress"]) == 0
+    assert f"on {len(TINY.test_labels)} images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["convert", "{good}", "{tmp}/w.npz", "--input", "1,65,65"],
+                                  ["export", "--backend", "pt", "--weights", "{good}", "--out", "{tmp}/out",
+                                   "--input", "1,65,65"]], ids=["convert", "export"])
+def test_a_full_disk_is_named_before_a_framework_writes(argv, good_weights, tmp_path, capsys, monkeypatch):
+    """Some frameworks' writers abort the process on a full disk (PyTorch: SIGABRT, h5py: a segfault):
+    the free space is checked first, and the line says so."""
+    import common.io
+
+    monkeypatch.setattr(common.io.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30,
+                                                                                     free=4096))
+    argv = [a.format(good=good_weights, tmp=tmp_path) for a in argv]
+    refused(capsys, argv, 2, "No space left on device", keep=[tmp_path])
+    assert not (tmp_path / "w.npz").exists() and not any((tmp_path / "out").glob("*alexnet*"))
+
+
+def test_a_later_convert_removes_what_a_killed_one_left(good_weights, tmp_path, capsys):
+    stale = tmp_path / f"{TEMP_PREFIX}999999999-0123abcd-w.npz"  # a writer that is no longer alive
+    stale.write_bytes(b"half a file")
+    assert main(["convert", str(good_weights), str(tmp_path / "w.npz"), "--input", "1,65,65"]) == 0
+    assert not stale.exists() and (tmp_path / "w.npz").is_file()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` grey pixels (its image data is empty)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_is_bad_input(tmp_path, capsys, good_weights):
+    """A 20000x20000 PNG: Pillow's decompression-bomb guard is an unreadable image, exit 2."""
+    pytest.importorskip("PIL.Image")
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header(20000, 20000))  # the size is all Pillow reads before it refuses
+    refused(capsys, ["predict", path, "--backend", "pt", "--weights", good_weights, "--variant", "book",
+                     "--input", "1,65,65"], 2, f"{path}: not a readable image", "decompression bomb", keep=[tmp_path])
+
+
+NON_FINITE = [("NaN", np.nan), ("+inf", np.inf), ("-inf", -np.inf)]
+
+
+@pytest.mark.parametrize("name, value", NON_FINITE, ids=[n for n, _ in NON_FINITE])
+def test_forward_refuses_a_non_finite_pixel_in_every_backend(every_backend, name, value):
+    """Before: MXNet's and TensorFlow's pooling and ReLU dropped a NaN and returned plausible logits."""
+    spec = SPEC
+    model = every_backend.build(spec, device="cpu")
+    x = np.zeros((2, *spec.input_shape), np.float32)
+    x[1, 0, 10, 10] = value
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if every_backend.LAYOUT == "NHWC" else x
+    with pytest.raises(ValueError, match=r"the input holds 1 non-finite value\(s\) \(NaN or infinity\)"):
+        every_backend.forward(model, x)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 10], r"labels must be in 0\.\.9, got \[10\]"),
+    ([-1, 3], r"labels must be in 0\.\.9, got \[-1\]"),
+    ([1.7, 3.2], "labels must be whole class numbers"),
+    ([1, 2, 3], r"labels must be one per example: expected shape \(2,\)"),
+], ids=["10", "-1", "fractions", "one too many"])
+def test_loss_and_grads_checks_labels_by_one_rule_in_every_backend(backend, labels, message):
+    """Before: MXNet returned a finite loss for label 10 or -1, and every backend truncated 1.7 to 1."""
+    model = backend.build(SPEC.with_dropout(0), device="cpu")
+    x = np.zeros((2, *SPEC.input_shape), np.float32)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if backend.LAYOUT == "NHWC" else x
+    with pytest.raises(ValueError, match=message):
+        backend.loss_and_grads(model, x, np.array(labels))
+
+
+def test_load_weights_refuses_none_and_nan_weights(every_backend, good_weights):
+    model = every_backend.build(SPEC, device="cpu")
+    with pytest.raises(ValueError, match="weights must be a mapping of canonical arrays or an .npz path, got NoneType"):
+        every_backend.load_weights(model, None)
+    nan = {name: value.copy() for name, value in read_npz(good_weights).items()}
+    nan["fc8.bias"][0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or infinity\) in fc8.bias"):
+        every_backend.load_weights(model, nan)
