@@ -222,8 +222,13 @@ def _launch_replicas(args) -> int:
     signal stopped the run)."""
     from .data import locate
     from .launch import python_command, replica_processes, run_processes
+    from .machine import available_memory, usable_cpus
+    from .replicas import check_replicas_fit, replica_bytes
     from .train import prepare_run_dir
 
+    one_replica = replica_bytes(_training_spec(args), capabilities(args.backend).replicas[0],
+                                args.batch_size // args.replicas)
+    check_replicas_fit(args.replicas, one_replica, cpus=usable_cpus(), available=available_memory())
     run_dir = prepare_run_dir(args.run_dir or default_run_dir(args.backend), resume=args.resume)
     data_dir = locate(args.data_dir, progress=not args.no_progress)
     argv = shlex.split(args.command_line)[1:] + ["--run-dir", str(run_dir), "--data-dir", str(data_dir)]
@@ -235,11 +240,22 @@ def _launch_replicas(args) -> int:
         process.log = str(logs / f"replica-{process.env['RANK']}.log")
     codes: list[int] = []
     status = run_processes(processes, exit_codes=codes)
+    killed, terminated = 128 + int(signal.SIGKILL), 128 + int(signal.SIGTERM)
     different = [(rank, code) for rank, code in enumerate(codes) if rank and code not in (0, codes[0])]
+    ended = [rank for rank, code in different if code == terminated]  # stopped by the launcher after a failure
     for rank, code in different:
+        if rank in ended:
+            continue
         lines = [line for line in Path(processes[rank].log).read_text(errors="replace").splitlines() if line.strip()]
         print(f"alexnet train: replica {rank} failed (exit {code}): {lines[-1] if lines else 'no output'} "
               f"(log: {processes[rank].log})", file=sys.stderr)
+    if ended:
+        print(f"alexnet train: {len(ended)} other replica(s) stopped after that failure (SIGTERM)", file=sys.stderr)
+    oom = [rank for rank, code in enumerate(codes) if code == killed]
+    if oom:
+        print(f"alexnet train: replica(s) {', '.join(map(str, oom))} killed by SIGKILL (exit {killed}), most likely "
+              f"by the kernel's out-of-memory killer: each replica needs about {one_replica / 2**30:.1f} GiB; use "
+              "fewer --replicas or a smaller --batch-size", file=sys.stderr)
     if not different:
         shutil.rmtree(logs, ignore_errors=True)
     return status

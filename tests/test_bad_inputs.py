@@ -641,3 +641,71 @@ def test_load_weights_refuses_none_and_nan_weights(every_backend, good_weights):
     nan["fc8.bias"][0] = np.nan
     with pytest.raises(ValueError, match=r"non-finite values \(NaN or infinity\) in fc8.bias"):
         every_backend.load_weights(model, nan)
+
+
+# ----------------------------------------------------------------------------- runaway replicas
+def test_more_replicas_than_cpus_are_refused_before_any_process_starts(tmp_path, capsys, no_data, monkeypatch):
+    """Before: --replicas 1000 started about 1000 processes and woke the kernel's out-of-memory killer."""
+    import common.launch
+    import common.machine
+
+    monkeypatch.setattr(common.machine, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(common.launch, "run_processes", lambda *a, **k: pytest.fail("replicas were started"))
+    refused(capsys, [*TRAIN, "--batch-size", "9", "--replicas", "3", "--run-dir", tmp_path / "run"], 2,
+            "--replicas 3: each replica process needs a CPU of its own and this process may use 2; use --replicas 2",
+            keep=[tmp_path])
+    assert not (tmp_path / "run").exists()
+
+
+def test_replicas_that_would_not_fit_in_memory_are_refused(tmp_path, capsys, no_data, monkeypatch):
+    import common.launch
+    import common.machine
+
+    monkeypatch.setattr(common.machine, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(common.machine, "available_memory", lambda: 1 << 30)
+    monkeypatch.setattr(common.launch, "run_processes", lambda *a, **k: pytest.fail("replicas were started"))
+    line = refused(capsys, [*TRAIN, "--batch-size", "64", "--replicas", "64", "--run-dir", tmp_path / "run"], 2,
+                   "--replicas 64: each replica process needs about", "1.0 GiB is available; use --replicas",
+                   "or a smaller --batch-size", keep=[tmp_path])
+    assert not (tmp_path / "run").exists(), line
+
+
+def test_a_replica_killed_by_sigkill_is_named_as_out_of_memory(tmp_path, capsys, monkeypatch):
+    """Before: 55 lines of "replica N failed (exit 143): no output", memory never named. Now the replicas the
+    launcher stopped are one line, and a SIGKILL names the out-of-memory killer."""
+    import common.data
+    import common.launch
+
+    def run_processes(processes, *, exit_codes, **kwargs):
+        for process in processes[1:]:
+            Path(process.log).write_text("")  # no output
+        exit_codes[:] = [1, 137] + [143] * (len(processes) - 2)
+        return 1
+
+    monkeypatch.setattr(common.launch, "run_processes", run_processes)
+    monkeypatch.setattr(common.data, "locate", lambda *a, **k: tmp_path / "data")
+    assert main([*TRAIN, "--batch-size", "8", "--replicas", "2", "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("alexnet train: replica 1 failed (exit 137)")
+    assert err[-1].startswith("alexnet train: replica(s) 1 killed by SIGKILL (exit 137), most likely by the "
+                              "kernel's out-of-memory killer: each replica needs about")
+    assert len(err) == 2
+
+
+def test_a_signal_while_starting_replicas_starts_no_more(monkeypatch):
+    """Before: SIGTERM to the launcher did not stop it starting replicas."""
+    import common.launch
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the launcher is starting them
+        return started[-1]
+
+    monkeypatch.setattr(common.launch.subprocess, "Popen", popen)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    codes: list[int] = []
+    status = common.launch.run_processes([common.launch.Process(sleeper) for _ in range(4)], grace=5, exit_codes=codes)
+    assert len(started) == 1 and codes == [143] and status == 143
