@@ -370,11 +370,19 @@ def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
 
 
+# The largest learning rate: the largest float32, since every framework keeps its lr in float32.
+LR_MAX = float(np.finfo(np.float32).max)
+
+
 def checked_lr(value) -> float:
     """The learning rate, by one rule everywhere (``make_trainer``, ``Trainer.lr``, ``fit``, the CLI):
-    a finite number > 0 (NaN or infinity would ruin the weights at the next step)."""
+    a finite number > 0 (NaN or infinity would ruin the weights at the next step) that float32 holds
+    (a larger one fails inside a framework's optimizer, after the run has started)."""
     if not (_is_number(value) and np.isfinite(value) and value > 0):
         raise ValueError(f"lr must be a positive number, got {value!r}")
+    if value > LR_MAX:
+        raise ValueError(f"lr must be at most {LR_MAX:.4g} (float32's largest: every framework keeps it in float32), "
+                         f"got {value!r}")
     return float(value)
 
 

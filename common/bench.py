@@ -51,7 +51,7 @@ from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_
                       speed_up_owner, thread_variables)
 from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        backend_list, default_run_dir, int_list, non_negative_int, positive_int)
-from .io import write_text_atomic
+from .io import check_writable, write_text_atomic
 from .launch import replica_processes, run_processes
 from .machine import cpu_features, cpu_model, usable_cpus
 from .report import NOT_APPLICABLE, format_table, human_bytes
@@ -486,6 +486,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
 
 def _bench(args) -> int:
     _check(args)
+    out = check_writable(args.out or default_run_dir("bench"))  # before the benchmark, not after it
     for note in inference_only_notes(args):
         print(note, flush=True)
     data_dir = None
@@ -496,7 +497,6 @@ def _bench(args) -> int:
     spec = get_spec("book").with_input(1, args.input_size)
     macs = shapes.totals(shapes.infer(spec))["macs"]
     flops = {"training": shapes.training_flops_per_image(spec), "inference": 2 * macs}
-    out = args.out or default_run_dir("bench")
     started = time.time()
     load_before = os.getloadavg()
     # Job files, logs and the results are made in a scratch folder and moved to ``out`` at the

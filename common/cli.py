@@ -290,13 +290,17 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from .data import FashionMNIST
     from .plots import plot_curves
-    from .train import prepare_run_dir
+    from .train import CHECKPOINT, prepare_run_dir
 
     spec = _training_spec(args)
     _check_numerics(args, args.backends)
     for name in args.backends:
         capabilities(name).trainer_keywords(_fit_kwargs(args, name)["speed_ups"])
     run_dir = args.run_dir or default_run_dir("compare")
+    earlier = [run_dir / name / CHECKPOINT for name in args.backends if (run_dir / name / CHECKPOINT).exists()]
+    if earlier:  # compare has no --resume: say so instead of train's advice
+        raise ValueError(f"{run_dir} holds an earlier comparison ({earlier[0]}); compare starts afresh and cannot "
+                         "continue one: use a new --run-dir")
     run_dirs = {name: prepare_run_dir(run_dir / name, resume=False) for name in args.backends}
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     histories = {}
@@ -434,6 +438,12 @@ def _read_prediction_weights(args):
     from .spec import VARIANTS
     from .weights import check_weights, expected_shapes, read_npz
 
+    size = getattr(args, "input_size", None)  # evaluate's --input-size S (its spec is C x S x S); predict has --input
+    input_flag = "--input-size" if size else "--input"
+
+    def sized(spec):
+        return spec.with_input(spec.in_channels, size) if size else spec
+
     if args.pretrained:
         path = zoo.fetch_weights(args.pretrained, progress=not args.no_progress)
     else:
@@ -444,16 +454,17 @@ def _read_prediction_weights(args):
         return spec, zoo.to_canonical(zoo_file, spec), f"{path} ({zoo_file.format.name})"
     weights = {name: value for name, value in read_npz(path).items() if "/" not in name}  # no optimizer state
     if args.variant:
-        spec = spec_from(args)
+        spec = sized(spec_from(args))
     else:
         found = {name: value.shape for name, value in weights.items()}
         classes = found["fc8.bias"][0] if "fc8.bias" in found else None
         fitting = [name for name, factory in VARIANTS.items()
-                   if classes and expected_shapes(factory().with_num_classes(classes)) == found]
+                   if classes and expected_shapes(sized(factory().with_num_classes(classes))) == found]
         if not fitting:
-            raise WeightsError(f"{path}: these weights fit no variant at its own input size "
-                               f"({', '.join(VARIANTS)}); say which with --variant and --input")
-        spec = get_spec(fitting[0]).with_num_classes(classes)
+            where = f"input size {size}" if size else "its own input size"
+            raise WeightsError(f"{path}: these weights fit no variant at {where} ({', '.join(VARIANTS)}); say which "
+                               f"with --variant and {input_flag}")
+        spec = sized(get_spec(fitting[0]).with_num_classes(classes))
     check_weights(spec, weights, source=str(path))
     return spec, weights, str(path)
 

@@ -129,6 +129,9 @@ def backend_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} "
                                          f"or all ({', '.join(training_backends())})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a backend against itself compares nothing (and its run folders would collide)
+        raise argparse.ArgumentTypeError(f"backend(s) {', '.join(twice)} named more than once in {text!r}")
     return names
 
 

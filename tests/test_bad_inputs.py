@@ -121,6 +121,7 @@ ARGUMENTS = [
     (["train", "--lr", "-0.1"], "argument --lr: must be a number > 0, got '-0.1'"),
     (["train", "--lr", "0"], "argument --lr: must be a number > 0, got '0'"),
     (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+    (["train", "--lr", "1e300"], "argument --lr: lr must be at most 3.403e+38 (float32's largest"),
     (["train", "--momentum", "inf"], "argument --momentum: must be a finite number, got 'inf'"),
     (["train", "--momentum", "nan"], "argument --momentum: must be a finite number, got 'nan'"),
     (["train", "--momentum", "1"], "argument --momentum: must be a number in [0, 1), got '1'"),
@@ -709,3 +710,68 @@ def test_a_signal_while_starting_replicas_starts_no_more(monkeypatch):
     codes: list[int] = []
     status = common.launch.run_processes([common.launch.Process(sleeper) for _ in range(4)], grace=5, exit_codes=codes)
     assert len(started) == 1 and codes == [143] and status == 143
+
+
+# ----------------------------------------------------------------------------- exits that say why
+def test_parity_on_a_gpu_without_one_is_exit_2_with_the_reason(capsys):
+    """Before: exit 1 and a table of '-'."""
+    backend = get_backend("pt")
+    if backend.gpu_available():
+        pytest.skip("PyTorch computes on a GPU here")
+    refused(capsys, ["parity", "--backends", "pt", "--device", "gpu", "--input", "1,65,65"], 2,
+            "--device gpu was asked for, but PyTorch cannot compute on a GPU here")
+
+
+def test_bench_refuses_an_unwritable_out_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    """Before: the whole benchmark ran, then failed to write, and its results were lost."""
+    import common.bench
+
+    monkeypatch.setattr(common.bench, "_run_jobs", lambda *a, **k: pytest.fail("the benchmark ran"))
+    (tmp_path / "file").write_text("not a folder")
+    refused(capsys, ["bench", "--backends", "pt", "--data", "synthetic", "--out", tmp_path / "file" / "out"], 2,
+            f"output folder {tmp_path / 'file' / 'out'} is not writable", keep=[tmp_path])
+
+
+def test_compare_into_an_earlier_comparison_does_not_advise_resume(finished_run, tmp_path, capsys, no_data):
+    (tmp_path / "cmp" / "pt").mkdir(parents=True)
+    shutil.copy(finished_run / "checkpoint.npz", tmp_path / "cmp" / "pt" / "checkpoint.npz")
+    line = refused(capsys, ["compare", "--backends", "pt", "--run-dir", tmp_path / "cmp"], 2,
+                   "holds an earlier comparison", "compare starts afresh and cannot continue one: use a new --run-dir",
+                   keep=[tmp_path])
+    assert "--resume" not in line
+
+
+def test_compare_refuses_a_backend_named_twice_before_any_work(tmp_path, capsys, no_data):
+    refused(capsys, ["compare", "--backends", "pt,pt", "--run-dir", tmp_path / "cmp"], 2,
+            "argument --backends: backend(s) pt named more than once in 'pt,pt'", keep=[tmp_path])
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_evaluate_on_images_names_its_own_flag(good_weights, tmp_path, capsys):
+    """Weights for 65x65 inputs evaluated on a folder of images: evaluate has --input-size, not --input."""
+    pytest.importorskip("PIL.Image")
+    refused(capsys, ["evaluate", "--backend", "pt", "--weights", good_weights, "--images", tmp_path], 2,
+            "these weights fit no variant at input size 224", "say which with --variant and --input-size")
+
+
+def test_a_tensorflow_failure_is_one_line_from_a_fresh_interpreter(tmp_path):
+    """Before: absl/oneDNN log lines came before the one line."""
+    get_backend("tf")
+    (tmp_path / "rand.weights.h5").write_bytes(os.urandom(4096))
+    result = subprocess.run([sys.executable, "-m", "common", "convert", str(tmp_path / "rand.weights.h5"),
+                             str(tmp_path / "w.npz"), "--input", "1,65,65"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert "not a readable Keras weights file" in result.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lr=float("nan")), "lr must be a positive number, got nan"),
+    (dict(lr=1e300), r"lr must be at most 3\.403e\+38"),
+    (dict(lr=0.01, momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
+], ids=["lr nan", "lr 1e300", "momentum 1.5"])
+def test_make_trainer_checks_its_settings_in_every_backend(backend, settings, message):
+    model = backend.build(SPEC, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        backend.make_trainer(model, **settings)
