@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, O
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
                        default_run_dir, dropout_rate, lr_value, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
+from .divergence import PART_TOLERANCE, partings
+from .divergence import report as divergence_report
 from .errors import first_line
 from .io import check_free_space, check_writable, remove_stale_temporaries, write_text_atomic
 from .report import format_table, human_bytes
@@ -315,8 +318,14 @@ def cmd_compare(args) -> int:
              h.precision, h.math, h.device) for name, h in histories.items()]
     print(format_table(["backend", "train loss", "test loss", "test acc", "images/s", "precision", "math", "device"],
                        rows))
+    parted = partings({name: [step["loss"] for step in h.steps] for name, h in histories.items()})
+    dropout = any(getattr(layer, "rate", 0) for layer in spec.layers)
+    if parted:
+        print(divergence_report(parted, dropout=dropout))
     record = {name: {"device": h.device, "precision": h.precision, "math": h.math, "epochs": h.rows}
               for name, h in histories.items()}
+    if not dropout:
+        record["partings"] = {"tolerance": PART_TOLERANCE, "pairs": [asdict(p) for p in parted]}
     write_text_atomic(run_dir / "compare.json", json.dumps(record, indent=2) + "\n")
     print(f"curves: {plot}")
     return 0

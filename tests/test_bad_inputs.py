@@ -775,3 +775,26 @@ def test_make_trainer_checks_its_settings_in_every_backend(backend, settings, me
     model = backend.build(SPEC, device="cpu")
     with pytest.raises(ValueError, match=message):
         backend.make_trainer(model, **settings)
+
+
+# ----------------------------------------------------------------------------- compare: a parting is not a bug
+def test_compare_says_where_two_backends_part_and_whether_a_spike_came_first():
+    """Before: three curves that agreed for 12 steps, spiked, then went separate ways looked like a broken
+    backend. Now each pair's first parting step is named, with the spike before it, and what that means."""
+    from common.divergence import MEANING, PART_TOLERANCE, partings, report
+
+    agree = [2.30, 2.29, 2.27, 2.25]
+    spiked = agree + [3.4, 2.9, 2.8]
+    parted = partings({"pt": spiked, "tf": agree + [3.4, 2.3, 2.3], "mx": [2.30, 2.40, 2.27, 2.25, 3.4, 2.9, 2.8]})
+    described = [p.describe() for p in parted]
+    assert described == [
+        "pt vs tf: part at step 6 of 7 (pt 2.9, tf 2.3), after a loss spike at step 5",
+        "pt vs mx: part at step 2 of 7 (pt 2.29, mx 2.4), with no loss spike before",
+        "tf vs mx: part at step 2 of 7 (tf 2.29, mx 2.4), with no loss spike before",
+    ]
+    text = report(parted)
+    assert text.splitlines()[0] == (f"training losses per step, parted where they differ by more than "
+                                    f"{PART_TOLERANCE:g} (relative):")
+    assert text.endswith(MEANING) and "alexnet parity" in MEANING
+    assert report(partings({"pt": agree, "tf": [x * (1 + 1e-5) for x in agree]})).endswith("agree on all 4 steps")
+    assert "--dropout 0" in report(parted, dropout=True)
