@@ -49,7 +49,7 @@ import numpy as np
 from . import ROOT, shapes
 from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_environment, capabilities,
                       speed_up_owner, thread_variables)
-from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
+from .cli_args import (DEVICE_HELP, EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        backend_list, default_run_dir, int_list, non_negative_int, positive_int)
 from .io import check_writable, write_text_atomic
 from .launch import replica_processes, run_processes
@@ -92,10 +92,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="default all: the backends that train; an inference-only one (onnx) is timed where named, "
                         "inference only")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
-                   metavar="N,N")
+                   metavar="N,N", help="global batch sizes to time (default 32,128)")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                    help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=DEVICE_HELP)
     add_precision_arg(p)
     add_math_arg(p)
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per mode (default 10)")
@@ -109,7 +110,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     add_speed_up_args(p)
     p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
     p.add_argument("--repeat", type=positive_int, default=1,
-                   help="run every configuration this many times, round robin (noisy machines)")
+                   help="run every configuration this many times, round robin (noisy machines; default 1)")
     p.add_argument("--threads", type=non_negative_int, metavar="N",
                    help="threads per framework: sets " + ", ".join(thread_variables()) + " for the workers "
                         "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")

@@ -21,7 +21,7 @@ import numpy as np
 from . import shapes, zoo
 from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, apply_math_environment,
                       capabilities, exporting_backends, load_backend, training_backends)
-from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
+from .cli_args import (DEVICE_HELP, EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
                        default_run_dir, dropout_rate, lr_value, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
@@ -96,8 +96,9 @@ def cmd_parity(args) -> int:
 
 # ---------------------------------------------------------------- train / evaluate / compare
 def _add_train_args(parser):
-    parser.add_argument("--epochs", type=positive_int, default=10)
-    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="images per SGD step, over all replicas (default 128)")
     parser.add_argument("--lr", type=lr_value, default=0.01, help="learning rate (default 0.01)")
     parser.add_argument("--momentum", type=momentum_value, default=0.0,
                         help="in [0, 1); the 2012 paper used 0.9 (default 0: the book's)")
@@ -108,7 +109,7 @@ def _add_train_args(parser):
     parser.add_argument("--limit-test", type=positive_int, metavar="N", help="evaluate on the first N test images only")
     parser.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                         help="resize 28x28 images to SxS (default 224, the book's; 65 is the smallest)")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dropout", type=dropout_rate, metavar="P",
@@ -508,21 +509,23 @@ def build_parser() -> OneLineErrorParser:
     add_spec_args(p)
     p.add_argument("--backend", type=summary_backends, default="none", metavar="|".join([*BACKENDS, "all", "none"]),
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size of the shapes (default 1)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="check every backend against the float64 oracle: layers, loss, gradients, SGD steps")
     add_spec_args(p)
-    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS))
-    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS),
+                   help="backends to check, comma-separated (default all: every one that trains)")
+    p.add_argument("--batch", type=positive_int, default=2, help="examples per checked batch (default 2)")
     p.add_argument("--seed", type=non_negative_int, help="weights and input seed (default: random, printed for replay)")
-    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the backends compute; gpu checks with TF32 off (default cpu)")
     p.add_argument("--scale-tolerances", type=positive_float, default=1.0, metavar="F",
                    help="multiply every check's tolerance by F (default 1: the CPU-measured ones in the table)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with the book's recipe")
-    p.add_argument("--backend", required=True, choices=training_backends())
+    p.add_argument("--backend", required=True, choices=training_backends(), help="the framework that trains (required)")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="where metrics, curves and checkpoints go (default runs/BACKEND-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
@@ -537,7 +540,7 @@ def build_parser() -> OneLineErrorParser:
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights on Fashion-MNIST's test set, or "
                                         "top-1/top-5 on a folder of class folders of images (--images)")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help="the framework that evaluates (required)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", type=Path, help="canonical .npz (a training checkpoint works); with --images "
                                                     "also a torchvision (.pth) / Gluon (.params) model-zoo file")
@@ -546,16 +549,21 @@ def build_parser() -> OneLineErrorParser:
                    help="DIR/<class>/<image>: folders named as the classes, or as many folders as classes in "
                         "sorted order (torchvision's ImageFolder rule; ImageNet's WordNet-ID folders)")
     p.add_argument("--variant", choices=list(VARIANTS), help="with --images: which AlexNet (default: from the weights)")
-    p.add_argument("--batch", type=positive_int, default=16, help="with --images: images per forward pass")
-    p.add_argument("--input-size", type=positive_int, default=224, metavar="S")
-    p.add_argument("--limit-test", type=positive_int, metavar="N")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch", type=positive_int, default=16,
+                   help="with --images: images per forward pass (default 16)")
+    p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
+                   help="the SxS input the weights were trained at (default 224, the book's)")
+    p.add_argument("--limit-test", type=positive_int, metavar="N",
+                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    p.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files (default: found or "
+                                                 "downloaded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several backends from the same weights on the same batches")
-    p.add_argument("--backends", type=training_backend_list, default="all", metavar=",".join(training_backends()))
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar=",".join(training_backends()),
+                   help="backends to train, comma-separated (default all: every one that trains)")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
@@ -598,16 +606,16 @@ def build_parser() -> OneLineErrorParser:
 
     p = sub.add_parser("fetch-weights", help="download the published ImageNet weights of torchvision's or Gluon's "
                                              "AlexNet (cached, checked against the hash in the file's name)")
-    p.add_argument("source", choices=list(zoo.PUBLISHED))
+    p.add_argument("source", choices=list(zoo.PUBLISHED), help="whose published weights")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"default {zoo.default_weights_dir()}")
     p.add_argument("--url", help="download from this address instead (a mirror); the hash must still match")
     p.add_argument("--npz", type=Path, metavar="OUT", help="also write canonical .npz weights (--variant torchvision)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("predict", help="top-5 classes of image files, with names and probabilities")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help="the framework that predicts (required)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", type=Path, help="canonical .npz, or a torchvision (.pth) / Gluon (.params) "
                                                     "model-zoo file")
@@ -616,8 +624,8 @@ def build_parser() -> OneLineErrorParser:
     add_spec_args(p)
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes shown per image (default 5)")
     p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while fetching weights")
     p.set_defaults(func=cmd_predict, variant=None)  # None: from the weights
     return parser
 

@@ -187,3 +187,21 @@ def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):
     assert lines[0] == ("alexnet train: error: the MXNet backend (mx) trains in precision fp32, not 'bf16': "
                         + dict(capabilities("mx").precision_gaps)["bf16"])
     assert not (tmp_path / "run").exists()
+
+
+def test_every_flag_has_a_help_text_that_names_its_default():
+    """The CLI reads like its manual: no flag without a help text, none with a default it does not state."""
+    import argparse
+
+    from common.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = []
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            stated = action.help and (action.required or action.default in (None, False) or "default" in action.help)
+            if not stated:
+                silent.append(f"{name} {(action.option_strings or [action.dest])[0]}")
+    assert silent == []
