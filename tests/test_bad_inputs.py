@@ -86,12 +86,15 @@ def no_data(monkeypatch):
 
 @pytest.fixture
 def tiny(monkeypatch):
+    """Tiny noise data for the cases that train or evaluate with PyTorch (skipped where it is not installed)."""
+    get_backend("pt")
     monkeypatch.setattr(FashionMNIST, "load", classmethod(lambda cls, *args, **kwargs: TINY))
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A completed one-epoch PyTorch run (checkpoint, metrics, curves) that cases may read but not change."""
+    get_backend("pt")  # skipped with the reason where PyTorch is not installed
     run = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FashionMNIST, "load", classmethod(lambda cls, *args, **kwargs: TINY))
@@ -379,8 +382,8 @@ def test_a_bad_data_file_is_named_before_the_model_is_built(content, message, tm
     for spec in common.data.FILES.values():
         (data / spec.name).write_bytes(b"placeholder")
     (data / IMAGES).write_bytes(content)
-    monkeypatch.setattr("alexnet_pt.build", lambda *a, **k: pytest.fail("the model was built before the data was read"),
-                        raising=False)
+    monkeypatch.setattr("common.cli.load_backend",
+                        lambda *a, **k: pytest.fail("the framework was loaded before the data was read"))
     refused(capsys, [*TRAIN, "--run-dir", tmp_path / "run", "--data-dir", data], 2, f"{data / IMAGES}: {message}",
             keep=[tmp_path])
 
@@ -458,6 +461,7 @@ def test_a_failed_save_leaves_no_writer_for_the_garbage_collector(error, tmp_pat
 
 
 def test_a_frameworks_own_exception_is_one_line(tmp_path, capsys, tiny, monkeypatch):
+    get_backend("pt")
     import alexnet_pt._trainer
 
     def out_of_memory(self, x, labels, *, seed):
@@ -511,6 +515,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_signal_to_a_running_train_saves_at_the_next_step_and_exits_128_plus_n(signum, status, tmp_path, capsys,
                                                                                  tiny):
     """`alexnet train` in its own process, saving every step; the signal comes once the first checkpoint exists."""
+    get_backend("pt")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     argv = ["train", "--backend", "pt", "--input-size", "65", "--batch-size", "8", "--epochs", "2", "--limit-train", "32",
