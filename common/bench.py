@@ -51,7 +51,7 @@ from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_
                       speed_up_owner, thread_variables)
 from .cli_args import (DEVICE_HELP, EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        backend_list, default_run_dir, int_list, non_negative_int, positive_int)
-from .io import check_writable, write_text_atomic
+from .io import check_creatable, write_text_atomic
 from .launch import replica_processes, run_processes
 from .machine import cpu_features, cpu_model, usable_cpus
 from .report import NOT_APPLICABLE, format_table, human_bytes
@@ -487,7 +487,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
 
 def _bench(args) -> int:
     _check(args)
-    out = check_writable(args.out or default_run_dir("bench"))  # before the benchmark, not after it
+    out = check_creatable(args.out or default_run_dir("bench"))  # before the benchmark, not after it
     for note in inference_only_notes(args):
         print(note, flush=True)
     data_dir = None
