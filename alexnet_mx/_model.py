@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.backend import ARTIFACT_INPUT
+from common.backend import ARTIFACT_INPUT, check_finite_input, checked_labels
 from common.errors import first_line
 from common.io import atomic_path, atomic_paths
 from common.shapes import conv_in_channels, dense_in_features
@@ -189,6 +189,7 @@ def forward(model, x, *, training: bool = False, capture: bool = False):
     """
     model = _check_model(model)
     data = as_input(model, x)
+    check_finite_input(data.asnumpy())
     scope = mx.autograd.train_mode() if training else mx.autograd.predict_mode()
     with scope:
         if not capture:
@@ -247,7 +248,10 @@ def _labels(labels, ctx) -> "mx.nd.NDArray":
 def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     """Mean softmax cross-entropy and its gradients (canonical names and layout), in training mode."""
     model = _check_model(model)
-    data, target = as_input(model, x), _labels(labels, model.ctx)
+    data = as_input(model, x)
+    check_finite_input(data.asnumpy())
+    labels = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else labels
+    target = _labels(checked_labels(labels, model.spec.num_classes, data.shape[0]), model.ctx)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     with mx.autograd.record(train_mode=True):
         loss = loss_fn(model(data), target).mean()

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, DeviceError, check_finite_input
+from common.errors import first_line
 from common.io import atomic_path
 from common.shapes import infer
 from common.weights import DTYPE, WeightsError, build_recipe, check_arrays, expected_shapes, resolve_weights
@@ -260,6 +261,7 @@ def forward(model: OnnxAlexNet, x: Any, *, training: bool = False, capture: bool
     if training:
         _refuse("training mode (dropout is the identity in this graph)")
     inputs = as_input(model, x)
+    check_finite_input(inputs)
     spec = model_spec(model)
     if not capture:
         return model.session().run([OUTPUT], {INPUT: inputs})[0]
@@ -296,8 +298,7 @@ def load_native(model: OnnxAlexNet, path: str | os.PathLike) -> None:
     try:
         proto = onnx.load_model(str(path), load_external_data=False)
     except Exception as error:  # DecodeError and friends: not a protobuf ModelProto
-        raise WeightsError(f"{path}: not a loadable ONNX model ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise WeightsError(f"{path}: not a loadable ONNX model ({type(error).__name__}: {first_line(error)})") from None
     external = [init.name for init in proto.graph.initializer if init.data_location == TensorProto.EXTERNAL]
     if external:
         raise WeightsError(f"{path}: {', '.join(external)} stored in external data files; "

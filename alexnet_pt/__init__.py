@@ -42,7 +42,7 @@ CAPABILITIES = Capabilities(
     containers=("PyTorch",),  # torchvision's zoo file: a state_dict
     replicas=(
         ReplicaEngine("ddp", "DistributedDataParallel, one process per replica (gloo on CPU, NCCL on GPUs); "
-                      "several machines: torchrun --nnodes", processes=True),
+                      "several machines: torchrun --nnodes", processes=True, process_mib=512),
     ),
 )
 NAME, FRAMEWORK, LAYOUT = CAPABILITIES.name, CAPABILITIES.framework, CAPABILITIES.layout

@@ -3,6 +3,7 @@ devices, float32 math mode, and what the bench asks of the framework (matmul pea
 for the device, memory, build information). A missing install is an ImportError naming the extra."""
 from __future__ import annotations
 
+import atexit
 import datetime
 import functools
 import os
@@ -93,9 +94,23 @@ def configure_replicas(replicas: int, device: str = "auto") -> ReplicaGroup:
     if not dist.is_initialized():
         dist.init_process_group(engine, init_method="env://", rank=rank, world_size=world,
                                 timeout=COLLECTIVE_TIMEOUT)
+        atexit.register(_leave_process_group)
     elif dist.get_world_size() != world or dist.get_rank() != rank:
         raise RuntimeError(f"a process group of {dist.get_world_size()} is already set up here, not of {world}")
     return replica_group()
+
+
+def _leave_process_group() -> None:
+    """Tear down the process group this process joined, before the interpreter exits: left to the
+    exit, its communication threads can meet a destroyed object and end the process with
+    ``terminate called without an active exception`` (exit 134) after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a peer gone already: nothing left to tear down cleanly
+            pass
 
 
 def replica_group() -> ReplicaGroup:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, TF32_OVERRIDE
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, TF32_OVERRIDE, check_finite_input, checked_labels
 from common.errors import first_line
 from common.io import atomic_path, atomic_paths
 from common.machine import has_avx512
@@ -218,6 +218,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 def forward(model: AlexNet, x: Any, *, training: bool = False, capture: bool = False):
     """Logits (numpy); with ``capture``, also every spec layer's output (NCHW, or 2-D once flat)."""
     inputs = as_input(model, x)
+    check_finite_input(_numpy(inputs))
     was_training = model.training
     model.train(training)
     try:
@@ -236,7 +237,10 @@ def forward(model: AlexNet, x: Any, *, training: bool = False, capture: bool = F
 
 def loss_and_grads(model: AlexNet, x: Any, labels: Any) -> tuple[float, dict[str, np.ndarray]]:
     """Mean softmax cross-entropy and d loss / d parameter (canonical names), in training mode."""
-    inputs, targets = as_input(model, x), as_labels(model, labels)
+    inputs = as_input(model, x)
+    check_finite_input(_numpy(inputs))
+    labels = _numpy(labels) if isinstance(labels, torch.Tensor) else labels
+    targets = as_labels(model, checked_labels(labels, model_spec(model).num_classes, len(inputs)))
     params = _parameters(model)
     was_training = model.training
     model.train(True)

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, check_finite_input, checked_labels
 from common.io import atomic_folder, atomic_path
 from common.machine import has_avx512
 from common.weights import (WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
@@ -336,6 +336,7 @@ def forward(model, x, *, training: bool = False, capture: bool = False):
     by name (NHWC for images; 2-D after Flatten, whose columns are in (H, W, C) order:
     ``flatten_tf == flatten_nchw[:, common.weights.nhwc_flatten_permutation(spec)]``)."""
     x = as_input(model, x)
+    check_finite_input(x)
     with tf.device(device_of(model)):
         logits, captured = compiled_forward(model, training)(tf.convert_to_tensor(x))
     if capture:
@@ -373,10 +374,10 @@ def loss_and_grads(model, x, labels) -> tuple[float, dict[str, np.ndarray]]:
     """Mean softmax cross entropy and its gradients in canonical names and layout, in training
     mode (dropout as the spec says)."""
     x = as_input(model, x)
+    check_finite_input(x)
+    labels = checked_labels(labels, spec_of(model).num_classes, len(x))
     with tf.device(device_of(model)):
-        loss, grads = compiled_loss_and_grads(model)(
-            tf.convert_to_tensor(x), tf.convert_to_tensor(np.asarray(labels, dtype=np.int64))
-        )
+        loss, grads = compiled_loss_and_grads(model)(tf.convert_to_tensor(x), tf.convert_to_tensor(labels))
     return float(loss), {p.name: p.to_canonical(g.numpy()) for p, g in zip(params(model), grads)}
 
 

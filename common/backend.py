@@ -341,15 +341,52 @@ def prepared_reference(images: np.ndarray, spec: ModelSpec, layout: str) -> np.n
     return x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
+def check_finite_input(x) -> None:
+    """Refuse an input holding NaN or infinity, in every backend the same way: some frameworks' pooling
+    and ReLU kernels drop a NaN and return plausible logits, which a reference implementation must not.
+    ``x``: anything numpy reads (a backend passes its own tensors' values as numpy)."""
+    values = np.asarray(x)
+    if np.issubdtype(values.dtype, np.inexact):
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ValueError(f"the input holds {bad:,} non-finite value(s) (NaN or infinity); every backend "
+                             "refuses them (some frameworks' kernels would hide a NaN)")
+
+
+def checked_labels(labels, num_classes: int, batch: int) -> np.ndarray:
+    """Class labels as int64, by one rule in every backend: one per example, whole numbers in
+    [0, num_classes) (a framework may otherwise index out of range, truncate 1.7 to 1, or return a
+    finite loss for label 10)."""
+    values = np.asarray(labels)
+    if values.ndim != 1 or len(values) != batch:
+        raise ValueError(f"labels must be one per example: expected shape ({batch},), got {values.shape}")
+    if not (np.issubdtype(values.dtype, np.integer) or
+            (np.issubdtype(values.dtype, np.floating) and np.isfinite(values).all()
+             and np.array_equal(values, np.round(values)))):
+        raise ValueError(f"labels must be whole class numbers, got dtype {values.dtype} {values[:5].tolist()}")
+    if len(values) and (values.min() < 0 or values.max() >= num_classes):
+        wrong = sorted({int(v) for v in values if not 0 <= v < num_classes})
+        raise ValueError(f"labels must be in 0..{num_classes - 1}, got {wrong[:5]}")
+    return values.astype(np.int64)
+
+
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
 
 
+# The largest learning rate: the largest float32, since every framework keeps its lr in float32.
+LR_MAX = float(np.finfo(np.float32).max)
+
+
 def checked_lr(value) -> float:
     """The learning rate, by one rule everywhere (``make_trainer``, ``Trainer.lr``, ``fit``, the CLI):
-    a finite number > 0 (NaN or infinity would ruin the weights at the next step)."""
+    a finite number > 0 (NaN or infinity would ruin the weights at the next step) that float32 holds
+    (a larger one fails inside a framework's optimizer, after the run has started)."""
     if not (_is_number(value) and np.isfinite(value) and value > 0):
         raise ValueError(f"lr must be a positive number, got {value!r}")
+    if value > LR_MAX:
+        raise ValueError(f"lr must be at most {LR_MAX:.4g} (float32's largest: every framework keeps it in float32), "
+                         f"got {value!r}")
     return float(value)
 
 
@@ -620,7 +657,8 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 __all__ = [
     "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "Artifact", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
     "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
-    "TrainerBase", "apply_math_environment", "bound_layer_summary", "capabilities", "checked_lr",
+    "TrainerBase", "apply_math_environment", "bound_layer_summary", "capabilities", "check_finite_input",
+    "checked_labels", "checked_lr",
     "checked_momentum", "checked_weight_decay", "choose_device",
     "effective_math", "exporting_backends", "layer_summary", "load_backend",
     "container_backend", "device_helpers", "load_plain", "math_environment", "prepared_reference", "recorded_variables",

@@ -49,9 +49,9 @@ import numpy as np
 from . import ROOT, shapes
 from .backend import (BACKENDS, DEVICES, DeviceError, all_speed_ups, apply_math_environment, capabilities,
                       speed_up_owner, thread_variables)
-from .cli_args import (EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
+from .cli_args import (DEVICE_HELP, EXIT_ERROR, add_math_arg, add_precision_arg, add_speed_up_args, chosen_speed_ups,
                        backend_list, default_run_dir, int_list, non_negative_int, positive_int)
-from .io import write_text_atomic
+from .io import check_creatable, write_text_atomic
 from .launch import replica_processes, run_processes
 from .machine import cpu_features, cpu_model, usable_cpus
 from .report import NOT_APPLICABLE, format_table, human_bytes
@@ -92,10 +92,11 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="default all: the backends that train; an inference-only one (onnx) is timed where named, "
                         "inference only")
     p.add_argument("--batch-sizes", type=functools.partial(int_list, name="batch sizes"), default=(32, 128),
-                   metavar="N,N")
+                   metavar="N,N", help="global batch sizes to time (default 32,128)")
     p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                    help="images are 1xSxS (default 224, the book's; 65 is the smallest)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help=DEVICE_HELP)
     add_precision_arg(p)
     add_math_arg(p)
     p.add_argument("--steps", type=positive_int, default=10, help="timed steps per mode (default 10)")
@@ -109,7 +110,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     add_speed_up_args(p)
     p.add_argument("--ablate", action="store_true", help="also run each backend with each of its speed-ups flipped")
     p.add_argument("--repeat", type=positive_int, default=1,
-                   help="run every configuration this many times, round robin (noisy machines)")
+                   help="run every configuration this many times, round robin (noisy machines; default 1)")
     p.add_argument("--threads", type=non_negative_int, metavar="N",
                    help="threads per framework: sets " + ", ".join(thread_variables()) + " for the workers "
                         "(default: the usable CPUs, where not set already; 0: set nothing, each framework's own default)")
@@ -486,6 +487,7 @@ def _run_jobs(args, data_dir: str | None, workdir: Path) -> dict[Config, list[di
 
 def _bench(args) -> int:
     _check(args)
+    out = check_creatable(args.out or default_run_dir("bench"))  # before the benchmark, not after it
     for note in inference_only_notes(args):
         print(note, flush=True)
     data_dir = None
@@ -496,7 +498,6 @@ def _bench(args) -> int:
     spec = get_spec("book").with_input(1, args.input_size)
     macs = shapes.totals(shapes.infer(spec))["macs"]
     flops = {"training": shapes.training_flops_per_image(spec), "inference": 2 * macs}
-    out = args.out or default_run_dir("bench")
     started = time.time()
     load_before = os.getloadavg()
     # Job files, logs and the results are made in a scratch folder and moved to ``out`` at the

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from common.backend import load_plain, recorded_variables
+from common.errors import first_line
 from common.io import write_text_atomic
 
 MATMUL_SECONDS = 1.0  # time spent measuring the matmul rate (at least 3 products)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         code = 0
     except Exception as error:  # reported by the parent as one line; the traceback goes to the log
         traceback.print_exc()
-        result = {"error": str(error) or type(error).__name__, "error_type": type(error).__name__}
+        result = {"error": first_line(error), "error_type": type(error).__name__}
         code = 1
     rank = int(os.environ.get("RANK", "0"))  # one process per replica: rank 0 reports for the group
     write_text_atomic(Path(job["result"] + ("" if rank == 0 else f".rank{rank}")), json.dumps(result))

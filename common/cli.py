@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,17 @@ import numpy as np
 from . import shapes, zoo
 from .backend import (ARTIFACT_INPUT, ARTIFACT_OUTPUT, BACKENDS, DEVICES, DeviceError, apply_math_environment,
                       capabilities, exporting_backends, load_backend, training_backends)
-from .cli_args import (EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
+from .cli_args import (DEVICE_HELP, EXIT_DIVERGED, EXIT_ERROR, EXIT_FAILURE, EXIT_MISMATCH, OneLineErrorParser, add_math_arg,
                        add_precision_arg, add_spec_args, add_speed_up_args, backend_list, chosen_speed_ups,
                        default_run_dir, dropout_rate, lr_value, momentum_value, non_negative_float, non_negative_int, positive_float,
                        positive_int, spec_from, summary_backends, training_backend_list)
-from .io import write_text_atomic
+from .divergence import PART_TOLERANCE, partings
+from .divergence import report as divergence_report
+from .errors import first_line
+from .io import check_free_space, check_writable, remove_stale_temporaries, write_text_atomic
 from .report import format_table, human_bytes
 from .spec import VARIANTS, SpecError, get_spec
-from .weights import WeightsError
+from .weights import WeightsError, check_finite
 
 # ---------------------------------------------------------------- summary
 def cmd_summary(args) -> int:
@@ -92,8 +96,9 @@ def cmd_parity(args) -> int:
 
 # ---------------------------------------------------------------- train / evaluate / compare
 def _add_train_args(parser):
-    parser.add_argument("--epochs", type=positive_int, default=10)
-    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--epochs", type=positive_int, default=10, help="passes over the training set (default 10)")
+    parser.add_argument("--batch-size", type=positive_int, default=128,
+                        help="images per SGD step, over all replicas (default 128)")
     parser.add_argument("--lr", type=lr_value, default=0.01, help="learning rate (default 0.01)")
     parser.add_argument("--momentum", type=momentum_value, default=0.0,
                         help="in [0, 1); the 2012 paper used 0.9 (default 0: the book's)")
@@ -104,7 +109,7 @@ def _add_train_args(parser):
     parser.add_argument("--limit-test", type=positive_int, metavar="N", help="evaluate on the first N test images only")
     parser.add_argument("--input-size", type=positive_int, default=224, metavar="S",
                         help="resize 28x28 images to SxS (default 224, the book's; 65 is the smallest)")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     parser.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dropout", type=dropout_rate, metavar="P",
@@ -133,7 +138,7 @@ def _fit_kwargs(args, backend: str | None) -> dict:
 def _checked_weights(path: Path, spec):
     """Canonical weights from ``path``, every name, shape and dtype checked against ``spec`` and every
     value finite, before any framework is imported: a bad file is one line naming it and its problems."""
-    from .weights import check_finite, load_weights_file
+    from .weights import load_weights_file
 
     weights = load_weights_file(path, spec)
     check_finite(weights, source=str(path))
@@ -193,10 +198,8 @@ def _evaluate_image_folder(args) -> int:
     """Top-1 and top-5 accuracy over a folder of class folders (``common.images.labelled_images``)."""
     from . import images
     from .parity import to_backend_layout
-    from .weights import check_finite
 
     spec, weights, source = _prediction_weights(args)
-    check_finite(weights, source=source)
     found, rule = images.labelled_images(args.images, spec)
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=weights, device=args.device)
@@ -223,8 +226,13 @@ def _launch_replicas(args) -> int:
     signal stopped the run)."""
     from .data import locate
     from .launch import python_command, replica_processes, run_processes
+    from .machine import available_memory, usable_cpus
+    from .replicas import check_replicas_fit, replica_bytes
     from .train import prepare_run_dir
 
+    one_replica = replica_bytes(_training_spec(args), capabilities(args.backend).replicas[0],
+                                args.batch_size // args.replicas)
+    check_replicas_fit(args.replicas, one_replica, cpus=usable_cpus(), available=available_memory())
     run_dir = prepare_run_dir(args.run_dir or default_run_dir(args.backend), resume=args.resume)
     data_dir = locate(args.data_dir, progress=not args.no_progress)
     argv = shlex.split(args.command_line)[1:] + ["--run-dir", str(run_dir), "--data-dir", str(data_dir)]
@@ -236,11 +244,22 @@ def _launch_replicas(args) -> int:
         process.log = str(logs / f"replica-{process.env['RANK']}.log")
     codes: list[int] = []
     status = run_processes(processes, exit_codes=codes)
+    killed, terminated = 128 + int(signal.SIGKILL), 128 + int(signal.SIGTERM)
     different = [(rank, code) for rank, code in enumerate(codes) if rank and code not in (0, codes[0])]
+    ended = [rank for rank, code in different if code == terminated]  # stopped by the launcher after a failure
     for rank, code in different:
+        if rank in ended:
+            continue
         lines = [line for line in Path(processes[rank].log).read_text(errors="replace").splitlines() if line.strip()]
         print(f"alexnet train: replica {rank} failed (exit {code}): {lines[-1] if lines else 'no output'} "
               f"(log: {processes[rank].log})", file=sys.stderr)
+    if ended:
+        print(f"alexnet train: {len(ended)} other replica(s) stopped after that failure (SIGTERM)", file=sys.stderr)
+    oom = [rank for rank, code in enumerate(codes) if code == killed]
+    if oom:
+        print(f"alexnet train: replica(s) {', '.join(map(str, oom))} killed by SIGKILL (exit {killed}), most likely "
+              f"by the kernel's out-of-memory killer: each replica needs about {one_replica / 2**30:.1f} GiB; use "
+              "fewer --replicas or a smaller --batch-size", file=sys.stderr)
     if not different:
         shutil.rmtree(logs, ignore_errors=True)
     return status
@@ -262,7 +281,7 @@ def cmd_evaluate(args) -> int:
     backend = load_backend(args.backend)
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     model = backend.build(spec, weights=weights, device=args.device)
-    n = args.limit_test or len(data.test_labels)
+    n = min(args.limit_test or len(data.test_labels), len(data.test_labels))  # the images really scored
     loss, acc = evaluate(backend, model, data.test_images[:n], data.test_labels[:n], progress=not args.no_progress)
     print(f"{backend.FRAMEWORK}: test loss {loss:.4f}, test accuracy {acc:.4f} on {n:,} images ({args.weights})")
     if not np.isfinite(loss):
@@ -275,13 +294,17 @@ def cmd_evaluate(args) -> int:
 def cmd_compare(args) -> int:
     from .data import FashionMNIST
     from .plots import plot_curves
-    from .train import prepare_run_dir
+    from .train import CHECKPOINT, prepare_run_dir
 
     spec = _training_spec(args)
     _check_numerics(args, args.backends)
     for name in args.backends:
         capabilities(name).trainer_keywords(_fit_kwargs(args, name)["speed_ups"])
     run_dir = args.run_dir or default_run_dir("compare")
+    earlier = [run_dir / name / CHECKPOINT for name in args.backends if (run_dir / name / CHECKPOINT).exists()]
+    if earlier:  # compare has no --resume: say so instead of train's advice
+        raise ValueError(f"{run_dir} holds an earlier comparison ({earlier[0]}); compare starts afresh and cannot "
+                         "continue one: use a new --run-dir")
     run_dirs = {name: prepare_run_dir(run_dir / name, resume=False) for name in args.backends}
     data = FashionMNIST.load(args.data_dir, progress=not args.no_progress)
     histories = {}
@@ -296,8 +319,14 @@ def cmd_compare(args) -> int:
              h.precision, h.math, h.device) for name, h in histories.items()]
     print(format_table(["backend", "train loss", "test loss", "test acc", "images/s", "precision", "math", "device"],
                        rows))
+    parted = partings({name: [step["loss"] for step in h.steps] for name, h in histories.items()})
+    dropout = any(getattr(layer, "rate", 0) for layer in spec.layers)
+    if parted:
+        print(divergence_report(parted, dropout=dropout))
     record = {name: {"device": h.device, "precision": h.precision, "math": h.math, "epochs": h.rows}
               for name, h in histories.items()}
+    if not dropout:
+        record["partings"] = {"tolerance": PART_TOLERANCE, "pairs": [asdict(p) for p in parted]}
     write_text_atomic(run_dir / "compare.json", json.dumps(record, indent=2) + "\n")
     print(f"curves: {plot}")
     return 0
@@ -337,6 +366,9 @@ def cmd_convert(args) -> int:
         model = backend.build(spec, device="cpu")
         backend.load_native(model, src)
         weights = backend.export_weights(model)
+    check_finite(weights, source=str(src))  # NaN weights would compute nothing but NaN: refused as evaluate does
+    remove_stale_temporaries(dst.parent)  # what a killed convert left behind
+    check_free_space(dst.parent, sum(np.asarray(v).nbytes for v in weights.values()), what=f"writing {dst}")
     if dst_zoo:
         zoo.write_zoo(dst, weights, dst_zoo, spec)
     elif dst_format == "npz":
@@ -368,12 +400,12 @@ def _artifact_bytes(path: Path) -> int:
 
 
 def cmd_export(args) -> int:
-    from .io import check_writable, remove_stale_temporaries
-
     spec = spec_from(args)
     weights = _checked_weights(args.weights, spec)  # before the framework's import and any file
     check_writable(args.out)
     remove_stale_temporaries(args.out)  # what a killed export left behind (a SavedModel is ~100 MB)
+    artifacts = len(capabilities(args.backend).exports)  # each holds the weights, at most once
+    check_free_space(args.out, artifacts * sum(v.nbytes for v in weights.values()), what=f"the {args.backend} export")
     backend = load_backend(args.backend)
     model = backend.build(spec, weights=weights, device="cpu")
     paths = backend.export_artifacts(model, args.out)
@@ -402,12 +434,25 @@ def cmd_fetch_weights(args) -> int:
 
 # ---------------------------------------------------------------- predict
 def _prediction_weights(args):
-    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz.
+    """(spec, canonical weights, description) from --pretrained, a model-zoo file or an .npz, every value
+    finite (NaN weights would print NaN probabilities).
 
     Without --variant, a zoo file is the torchvision variant and an .npz is the variant whose
     layer shapes it has (the classifier's width read from fc8)."""
+    spec, weights, source = _read_prediction_weights(args)
+    check_finite(weights, source=source)
+    return spec, weights, source
+
+
+def _read_prediction_weights(args):
     from .spec import VARIANTS
     from .weights import check_weights, expected_shapes, read_npz
+
+    size = getattr(args, "input_size", None)  # evaluate's --input-size S (its spec is C x S x S); predict has --input
+    input_flag = "--input-size" if size else "--input"
+
+    def sized(spec):
+        return spec.with_input(spec.in_channels, size) if size else spec
 
     if args.pretrained:
         path = zoo.fetch_weights(args.pretrained, progress=not args.no_progress)
@@ -419,16 +464,17 @@ def _prediction_weights(args):
         return spec, zoo.to_canonical(zoo_file, spec), f"{path} ({zoo_file.format.name})"
     weights = {name: value for name, value in read_npz(path).items() if "/" not in name}  # no optimizer state
     if args.variant:
-        spec = spec_from(args)
+        spec = sized(spec_from(args))
     else:
         found = {name: value.shape for name, value in weights.items()}
         classes = found["fc8.bias"][0] if "fc8.bias" in found else None
         fitting = [name for name, factory in VARIANTS.items()
-                   if classes and expected_shapes(factory().with_num_classes(classes)) == found]
+                   if classes and expected_shapes(sized(factory().with_num_classes(classes))) == found]
         if not fitting:
-            raise WeightsError(f"{path}: these weights fit no variant at its own input size "
-                               f"({', '.join(VARIANTS)}); say which with --variant and --input")
-        spec = get_spec(fitting[0]).with_num_classes(classes)
+            where = f"input size {size}" if size else "its own input size"
+            raise WeightsError(f"{path}: these weights fit no variant at {where} ({', '.join(VARIANTS)}); say which "
+                               f"with --variant and {input_flag}")
+        spec = sized(get_spec(fitting[0]).with_num_classes(classes))
     check_weights(spec, weights, source=str(path))
     return spec, weights, str(path)
 
@@ -463,21 +509,23 @@ def build_parser() -> OneLineErrorParser:
     add_spec_args(p)
     p.add_argument("--backend", type=summary_backends, default="none", metavar="|".join([*BACKENDS, "all", "none"]),
                    help="measure shapes on these backends' native models (default none: the spec's own inference)")
-    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size of the shapes (default 1)")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("parity", help="check every backend against the float64 oracle: layers, loss, gradients, SGD steps")
     add_spec_args(p)
-    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS))
-    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--backends", type=backend_list, default="all", metavar=",".join(BACKENDS),
+                   help="backends to check, comma-separated (default all: every one that trains)")
+    p.add_argument("--batch", type=positive_int, default=2, help="examples per checked batch (default 2)")
     p.add_argument("--seed", type=non_negative_int, help="weights and input seed (default: random, printed for replay)")
-    p.add_argument("--device", choices=DEVICES, default="cpu")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the backends compute; gpu checks with TF32 off (default cpu)")
     p.add_argument("--scale-tolerances", type=positive_float, default=1.0, metavar="F",
                    help="multiply every check's tolerance by F (default 1: the CPU-measured ones in the table)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with the book's recipe")
-    p.add_argument("--backend", required=True, choices=training_backends())
+    p.add_argument("--backend", required=True, choices=training_backends(), help="the framework that trains (required)")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="where metrics, curves and checkpoints go (default runs/BACKEND-TIME)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
@@ -492,7 +540,7 @@ def build_parser() -> OneLineErrorParser:
 
     p = sub.add_parser("evaluate", help="test loss and accuracy of saved weights on Fashion-MNIST's test set, or "
                                         "top-1/top-5 on a folder of class folders of images (--images)")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help="the framework that evaluates (required)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", type=Path, help="canonical .npz (a training checkpoint works); with --images "
                                                     "also a torchvision (.pth) / Gluon (.params) model-zoo file")
@@ -501,16 +549,21 @@ def build_parser() -> OneLineErrorParser:
                    help="DIR/<class>/<image>: folders named as the classes, or as many folders as classes in "
                         "sorted order (torchvision's ImageFolder rule; ImageNet's WordNet-ID folders)")
     p.add_argument("--variant", choices=list(VARIANTS), help="with --images: which AlexNet (default: from the weights)")
-    p.add_argument("--batch", type=positive_int, default=16, help="with --images: images per forward pass")
-    p.add_argument("--input-size", type=positive_int, default=224, metavar="S")
-    p.add_argument("--limit-test", type=positive_int, metavar="N")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--data-dir", type=Path)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--batch", type=positive_int, default=16,
+                   help="with --images: images per forward pass (default 16)")
+    p.add_argument("--input-size", type=positive_int, default=224, metavar="S",
+                   help="the SxS input the weights were trained at (default 224, the book's)")
+    p.add_argument("--limit-test", type=positive_int, metavar="N",
+                   help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    p.add_argument("--data-dir", type=Path, help="folder with the four Fashion-MNIST IDX files (default: found or "
+                                                 "downloaded)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("compare", help="train several backends from the same weights on the same batches")
-    p.add_argument("--backends", type=training_backend_list, default="all", metavar=",".join(training_backends()))
+    p.add_argument("--backends", type=training_backend_list, default="all", metavar=",".join(training_backends()),
+                   help="backends to train, comma-separated (default all: every one that trains)")
     _add_train_args(p)
     p.add_argument("--run-dir", type=Path, help="default runs/compare-TIME")
     p.set_defaults(func=cmd_compare)
@@ -553,16 +606,16 @@ def build_parser() -> OneLineErrorParser:
 
     p = sub.add_parser("fetch-weights", help="download the published ImageNet weights of torchvision's or Gluon's "
                                              "AlexNet (cached, checked against the hash in the file's name)")
-    p.add_argument("source", choices=list(zoo.PUBLISHED))
+    p.add_argument("source", choices=list(zoo.PUBLISHED), help="whose published weights")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"default {zoo.default_weights_dir()}")
     p.add_argument("--url", help="download from this address instead (a mirror); the hash must still match")
     p.add_argument("--npz", type=Path, metavar="OUT", help="also write canonical .npz weights (--variant torchvision)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_fetch_weights)
 
     p = sub.add_parser("predict", help="top-5 classes of image files, with names and probabilities")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--backend", required=True, choices=list(BACKENDS))
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (any format Pillow reads)")
+    p.add_argument("--backend", required=True, choices=list(BACKENDS), help="the framework that predicts (required)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", type=Path, help="canonical .npz, or a torchvision (.pth) / Gluon (.params) "
                                                     "model-zoo file")
@@ -571,8 +624,8 @@ def build_parser() -> OneLineErrorParser:
     add_spec_args(p)
     p.add_argument("--top", type=positive_int, default=5, metavar="K", help="classes shown per image (default 5)")
     p.add_argument("--batch", type=positive_int, default=16, help="images per forward pass (default 16)")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while fetching weights")
     p.set_defaults(func=cmd_predict, variant=None)  # None: from the weights
     return parser
 
@@ -617,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ALEXNET_DEBUG") == "1":
             raise
         print(f"{prefix}: failed: {type(error).__name__} in {_raised_in(error)}: "
-              f"{(str(error).strip().splitlines() or [''])[0]} (ALEXNET_DEBUG=1 shows the traceback)", file=sys.stderr)
+              f"{first_line(error)} (ALEXNET_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -129,6 +129,9 @@ def backend_list(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown backend(s) {unknown or text!r}; choose from {', '.join(BACKENDS)} "
                                          f"or all ({', '.join(training_backends())})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a backend against itself compares nothing (and its run folders would collide)
+        raise argparse.ArgumentTypeError(f"backend(s) {', '.join(twice)} named more than once in {text!r}")
     return names
 
 
@@ -161,8 +164,9 @@ def add_speed_up_args(parser) -> None:
     described = "; ".join(f"{s.name} ({backend}): {s.what}"
                           for backend, speed_ups in all_speed_ups().items() for s in speed_ups.values())
     parser.add_argument("--off", type=speed_up_list, default=(), metavar="SPEEDUP,...",
-                        help=f"switch speed-ups off: {described}")
-    parser.add_argument("--on", type=speed_up_list, default=(), metavar="SPEEDUP,...", help="switch speed-ups on")
+                        help=f"switch speed-ups off: {described} (default: none; each backend's defaults apply)")
+    parser.add_argument("--on", type=speed_up_list, default=(), metavar="SPEEDUP,...",
+                        help="switch speed-ups on (default: none; each backend's defaults apply)")
 
 
 def chosen_speed_ups(args, backend: str | None = None) -> dict[str, bool]:
@@ -178,6 +182,9 @@ def add_spec_args(parser, *, input_help="C,H,W of one example (default: the vari
     parser.add_argument("--variant", choices=list(VARIANTS), default="book", help="which AlexNet (default: book)")
     parser.add_argument("--input", type=input_shape_arg, metavar="C,H,W", help=input_help)
     parser.add_argument("--num-classes", type=positive_int, metavar="N", help="classifier width (default: the variant's)")
+
+
+DEVICE_HELP = "auto: a GPU where the framework can compute on one, else the CPU (default auto)"
 
 
 def spec_from(args):

@@ -45,8 +45,8 @@ def open_image(path: str | os.PathLike, mode: str):
             return image.convert(mode)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise ImageError(f"{path}: not a readable image ({error})") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
+        raise ImageError(f"{path}: not a readable image ({error})") from None  # a huge image too: bad input
 
 
 def resized_size(height: int, width: int, short: int) -> tuple[int, int]:

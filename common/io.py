@@ -19,6 +19,7 @@ not ``tempfile``'s 0o600, so the final file has the permissions any other file w
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -241,7 +242,46 @@ def check_writable(folder: str | os.PathLike, *, what: str = "output folder") ->
     return folder
 
 
+def check_creatable(folder: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """:func:`check_writable` for a folder made only once there is something to put in it (a command
+    that may still fail leaves no empty folder): an existing folder is test-written; for a missing
+    one, its nearest existing parent must be a folder this process may write in."""
+    folder = Path(folder)
+    if folder.exists():
+        return check_writable(folder, what=what)
+    parent = folder.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.ENOTDIR if not parent.is_dir() else errno.EACCES)
+        raise ValueError(f"{what} {folder} is not writable ({reason})")
+    return folder
+
+
+# Room kept beyond a writer's estimate: file-format overhead (headers, a graph, an index) is small but not nil.
+FREE_SPACE_MARGIN = 1.1
+FREE_SPACE_SLACK = 4 << 20
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, *, what: str) -> None:
+    """Raise OSError(ENOSPC) naming ``folder`` when it has less room than ``needed`` bytes (with a margin)
+    for ``what``: some frameworks' writers abort or crash the whole process on a full disk, so a writer
+    that hands a file to them checks first (where the folder does not exist yet, its nearest parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # no answer (an unusual file system): the writer's own error will say what went wrong
+    want = int(needed * FREE_SPACE_MARGIN) + FREE_SPACE_SLACK
+    if free < want:
+        raise OSError(errno.ENOSPC, f"No space left on device: {what} needs about {want / 2**20:.0f} MiB, "
+                                    f"{folder} has {free / 2**20:.0f} MiB free")
+
+
 __all__ = [
-    "TEMP_PREFIX", "atomic_file", "atomic_folder", "atomic_path", "atomic_paths", "check_writable", "fsync_folder", "remove_stale_temporaries",
+    "TEMP_PREFIX", "atomic_file", "atomic_folder", "atomic_path", "atomic_paths", "check_creatable", "check_free_space", "check_writable",
+    "fsync_folder", "remove_stale_temporaries",
     "temporary_name", "write_bytes_atomic", "write_text_atomic",
 ]

@@ -8,6 +8,8 @@ backend. The tests start MXNet's parameter servers and TensorFlow's workers with
 
 What it guarantees, so that nothing hangs and nothing is left behind:
 
+* A signal that arrives while the children are being started stops the starting: no further
+  child starts, and those already started are passed the signal.
 * Each child is in its own session: a Ctrl-C at the terminal reaches this process only, and is
   passed on to every child once per press (the first asks the training loop to stop after the
   step every replica agrees on, a second stops at once). SIGTERM is passed on the same way.
@@ -89,11 +91,13 @@ def run_processes(processes: list[Process], *, timeout: float | None = None, gra
     children: list[subprocess.Popen] = []
     failure: list[int] = []
     forwarded: list[int] = []
+    reached: list[int] = []  # per forwarded signal: how many children had been started when it came
     deadline = None if timeout is None else time.monotonic() + timeout
     previous = {}
 
     def forward(signum, frame):
         forwarded.append(signum)
+        reached.append(len(children))
         for child in children:
             if child.poll() is None:
                 _send(child, signum)
@@ -103,6 +107,8 @@ def run_processes(processes: list[Process], *, timeout: float | None = None, gra
         if on_main_thread:
             previous = {s: signal.signal(s, forward) for s in FORWARDED}
         for process in processes:
+            if forwarded:  # a signal came while starting: start no more (those started stop with it)
+                break
             log = open(process.log, "w") if process.log else None
             try:
                 children.append(subprocess.Popen(
@@ -111,6 +117,10 @@ def run_processes(processes: list[Process], *, timeout: float | None = None, gra
             finally:
                 if log is not None:
                     log.close()  # the child has its own descriptor
+            for index, signum in enumerate(forwarded):  # one that came while this child was being started
+                if reached[index] < len(children):
+                    reached[index] = len(children)
+                    _send(children[-1], signum)
         while True:
             codes = [child.poll() for child in children]
             failed = [code for code in codes if code not in (None, 0)]

@@ -25,7 +25,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from . import reference
-from .backend import load_backend
+from .backend import choose_device, load_backend
+from .errors import first_line
 from .report import format_table
 from .shapes import smallest_input
 from .spec import Dense, Flatten, MaxPool2d, ModelSpec, ReLU
@@ -240,8 +241,8 @@ class BackendResult:
 
 
 def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+    """A stage's failure in a table cell: the exception's class and its first meaningful line."""
+    return f"{type(error).__name__}: {first_line(error)}"[:200]
 
 
 def _record_forward(result: BackendResult, backend, model, x_nchw: np.ndarray, expected: dict) -> None:
@@ -401,8 +402,11 @@ def run_parity(spec: ModelSpec, backend_names: list[str], *, batch: int = 2, see
                device: str = "cpu", tolerances: Tolerances = TOLERANCES, steps: int = STEPS) -> ParityReport:
     """Check every named backend against the float64 oracle for ``spec`` (seed: random if None, printed)."""
     seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else seed
+    backends = [load_backend(name) for name in backend_names]
+    for backend in backends if device == "gpu" else ():  # no usable GPU: a DeviceError with the reason, first
+        choose_device(device, backend.gpu_status(), backend.FRAMEWORK)
     oracle = build_oracle(spec, seed, batch=batch, steps=steps)
-    return compare(oracle, [load_backend(name) for name in backend_names], device=device, tolerances=tolerances)
+    return compare(oracle, backends, device=device, tolerances=tolerances)
 
 
 def render(report: ParityReport) -> str:

@@ -34,6 +34,8 @@ class ReplicaEngine:
     name: str
     what: str
     processes: bool = False
+    # Memory one replica process takes before its model: the interpreter, the framework, the data.
+    process_mib: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,32 @@ def check_replicas(replicas: int, batch_size: int | None = None) -> int:
         raise ValueError(f"the batch size {batch_size} does not split evenly over {replicas} replicas; "
                          f"choose a multiple of {replicas}")
     return replicas
+
+
+def replica_bytes(spec, engine: ReplicaEngine, batch_per_replica: int) -> int:
+    """About how much memory one replica process needs to train ``spec`` on a CPU: ``engine``'s
+    own (``process_mib``), four copies of the parameters (weights, gradients, momentum, a spare)
+    and three of its batch's activations (outputs, their gradients, what the backward pass keeps)."""
+    from .shapes import infer, totals
+
+    total = totals(infer(spec, batch=max(1, batch_per_replica)))
+    return (engine.process_mib << 20) + 16 * total["params"] + 3 * total["activation_bytes"]
+
+
+def check_replicas_fit(replicas: int, one_replica: int, *, cpus: int, available: int | None) -> None:
+    """Refuse, before any process starts, more replica processes than this machine can run: each
+    needs a CPU of its own (``cpus``: those this process may use) and ``one_replica`` bytes of the
+    ``available`` memory (None: unknown, not checked). Too many would only thrash, or wake the
+    kernel's out-of-memory killer for the whole machine."""
+    if replicas > cpus:
+        raise ValueError(f"--replicas {replicas}: each replica process needs a CPU of its own and this process may "
+                         f"use {cpus}; use --replicas {cpus} or fewer")
+    if available is not None and replicas * one_replica > available:
+        fit = max(1, available // one_replica)
+        raise ValueError(f"--replicas {replicas}: each replica process needs about {one_replica / 2**30:.1f} GiB "
+                         f"of memory, {replicas} need {replicas * one_replica / 2**30:.1f} GiB and "
+                         f"{available / 2**30:.1f} GiB is available; use --replicas {fit} or fewer, or a "
+                         "smaller --batch-size")
 
 
 def shard_bounds(batch: int, replicas: int) -> list[tuple[int, int]]:

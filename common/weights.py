@@ -207,8 +207,23 @@ def save_weights(path: str | os.PathLike, weights: Mapping[str, np.ndarray], **e
         if value.dtype == object:
             raise WeightsError(f"{path}: {name} is an object array; only numeric arrays are saved")
     with atomic_file(path) as handle:
-        np.savez(handle, **arrays)
+        write_npz(handle, arrays)
     return path
+
+
+def write_npz(handle, arrays: Mapping[str, np.ndarray]) -> None:
+    """``np.savez(handle, **arrays)`` with the zip writer closed on every path: where the write fails
+    (a full disk, a second Ctrl-C) the writer is dropped at once instead of being left to the garbage
+    collector, which would try to finish the archive on an already closed file and print a traceback."""
+    archive = zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True)
+    try:
+        for name, value in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+        archive.close()
+    except BaseException:
+        archive.fp = None  # nothing left for ZipFile.__del__ to finish: the caller removes the partial file
+        raise
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -238,11 +253,16 @@ def load_weights_file(path: str | os.PathLike, spec: ModelSpec) -> dict[str, np.
 
 
 def resolve_weights(spec: ModelSpec, weights) -> dict[str, np.ndarray]:
-    """Accept a mapping or a path; return checked canonical weights."""
+    """Accept a mapping or a path; return checked canonical weights, every value finite (what a
+    backend's ``load_weights`` and ``build(weights=...)`` take)."""
     if isinstance(weights, (str, os.PathLike)):
-        return load_weights_file(weights, spec)
-    weights = dict(weights)
-    check_weights(spec, weights)
+        source, weights = str(weights), load_weights_file(weights, spec)
+    elif isinstance(weights, Mapping):
+        source, weights = "weights", dict(weights)
+        check_weights(spec, weights)
+    else:
+        raise WeightsError(f"weights must be a mapping of canonical arrays or an .npz path, got {type(weights).__name__}")
+    check_finite(weights, source=source)
     return weights
 
 

@@ -19,10 +19,13 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -83,12 +86,15 @@ def no_data(monkeypatch):
 
 @pytest.fixture
 def tiny(monkeypatch):
+    """Tiny noise data for the cases that train or evaluate with PyTorch (skipped where it is not installed)."""
+    get_backend("pt")
     monkeypatch.setattr(FashionMNIST, "load", classmethod(lambda cls, *args, **kwargs: TINY))
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A completed one-epoch PyTorch run (checkpoint, metrics, curves) that cases may read but not change."""
+    get_backend("pt")  # skipped with the reason where PyTorch is not installed
     run = tmp_path_factory.mktemp("finished") / "run"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FashionMNIST, "load", classmethod(lambda cls, *args, **kwargs: TINY))
@@ -118,6 +124,7 @@ ARGUMENTS = [
     (["train", "--lr", "-0.1"], "argument --lr: must be a number > 0, got '-0.1'"),
     (["train", "--lr", "0"], "argument --lr: must be a number > 0, got '0'"),
     (["train", "--lr", "fast"], "argument --lr: must be a number, got 'fast'"),
+    (["train", "--lr", "1e300"], "argument --lr: lr must be at most 3.403e+38 (float32's largest"),
     (["train", "--momentum", "inf"], "argument --momentum: must be a finite number, got 'inf'"),
     (["train", "--momentum", "nan"], "argument --momentum: must be a finite number, got 'nan'"),
     (["train", "--momentum", "1"], "argument --momentum: must be a number in [0, 1), got '1'"),
@@ -375,8 +382,8 @@ def test_a_bad_data_file_is_named_before_the_model_is_built(content, message, tm
     for spec in common.data.FILES.values():
         (data / spec.name).write_bytes(b"placeholder")
     (data / IMAGES).write_bytes(content)
-    monkeypatch.setattr("alexnet_pt.build", lambda *a, **k: pytest.fail("the model was built before the data was read"),
-                        raising=False)
+    monkeypatch.setattr("common.cli.load_backend",
+                        lambda *a, **k: pytest.fail("the framework was loaded before the data was read"))
     refused(capsys, [*TRAIN, "--run-dir", tmp_path / "run", "--data-dir", data], 2, f"{data / IMAGES}: {message}",
             keep=[tmp_path])
 
@@ -407,7 +414,7 @@ def test_a_mirror_that_refuses_is_named_and_nothing_is_left_in_the_cache(tmp_pat
     monkeypatch.setenv("ALEXNET_DATA_MIRROR", f"http://127.0.0.1:{port}/")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv(common.data.ENV_VAR, raising=False)
-    monkeypatch.setattr(common.data, "DEBIAN_DIR", tmp_path / "no-debian-package")
+    monkeypatch.setattr(common.data.dataset, "DEBIAN_DIR", tmp_path / "no-debian-package")  # where the lookup reads it
     refused(capsys, [*TRAIN, "--run-dir", tmp_path / "run"], 2, f"127.0.0.1:{port}", keep=[tmp_path])
 
 
@@ -415,17 +422,46 @@ def test_a_mirror_that_refuses_is_named_and_nothing_is_left_in_the_cache(tmp_pat
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(finished_run, tmp_path, capsys, tiny, monkeypatch):
     run = _copy_run(finished_run, tmp_path)
 
-    def savez_on_a_full_disk(handle, **arrays):
-        handle.write(b"PK\x03\x04 the first bytes")
+    def write_on_a_full_disk(member, array, **kwargs):
+        member.write(b"\x93NUMPY the first bytes")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(np, "savez", savez_on_a_full_disk)
+    monkeypatch.setattr(np.lib.format, "write_array", write_on_a_full_disk)
     refused(capsys, [*TRAIN, "--run-dir", run, "--resume", "--epochs", "2"], 2,
             "could not save the run at the end of epoch 2 (No space left on device)",
             f"the last finite checkpoint, {run / 'checkpoint.npz'}, holds the end of epoch 1", keep=[tmp_path])
 
 
+FAILED_SAVE = """
+import errno, gc, os, sys
+import numpy as np
+from common.weights import save_weights
+def fail(member, array, **kwargs):
+    member.write(b"x" * 100)
+    raise {error}
+np.lib.format.write_array = fail
+try:
+    save_weights(sys.argv[1], {{"w": np.zeros(3, np.float32)}})
+except BaseException as error:
+    print("raised", type(error).__name__)
+gc.collect()
+"""
+
+
+@pytest.mark.parametrize("error", ["OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))", "KeyboardInterrupt"],
+                         ids=["full disk", "second signal"])
+def test_a_failed_save_leaves_no_writer_for_the_garbage_collector(error, tmp_path):
+    """A save cut short (a full disk, a second Ctrl-C or SIGTERM) raises once; no half-closed zip writer
+    is left behind to print "Exception ignored in ZipFile.__del__ ... seek of closed file" later."""
+    result = subprocess.run([sys.executable, "-c", FAILED_SAVE.format(error=error), str(tmp_path / "w.npz")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout.split() == ["raised", error.split("(")[0]], result.stderr
+    assert result.stderr == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_frameworks_own_exception_is_one_line(tmp_path, capsys, tiny, monkeypatch):
+    get_backend("pt")
     import alexnet_pt._trainer
 
     def out_of_memory(self, x, labels, *, seed):
@@ -479,6 +515,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_signal_to_a_running_train_saves_at_the_next_step_and_exits_128_plus_n(signum, status, tmp_path, capsys,
                                                                                  tiny):
     """`alexnet train` in its own process, saving every step; the signal comes once the first checkpoint exists."""
+    get_backend("pt")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     argv = ["train", "--backend", "pt", "--input-size", "65", "--batch-size", "8", "--epochs", "2", "--limit-train", "32",
@@ -506,3 +543,263 @@ def test_a_signal_to_a_running_train_saves_at_the_next_step_and_exits_128_plus_n
     if signum == signal.SIGTERM:  # and the run goes on from there
         assert main(argv[:-4] + ["--run-dir", str(run), "--resume"]) == 0
         assert "pt epoch 2:" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- silently wrong, no more
+def _nan_weights(good_weights, tmp_path) -> Path:
+    return edited(good_weights, tmp_path / "nan.npz", lambda arrays: arrays["conv2.weight"].__setitem__(0, np.nan))
+
+
+def test_predict_refuses_nan_weights(good_weights, tmp_path, capsys):
+    """Before: exit 0 and "nan%" rows. The same refusal as evaluate's, before any image is read."""
+    nan = _nan_weights(good_weights, tmp_path)
+    refused(capsys, ["predict", tmp_path / "no-image.png", "--backend", "pt", "--weights", nan, "--variant", "book",
+                     "--input", "1,65,65"], 2, f"{nan}: non-finite values (NaN or infinity) in conv2.weight",
+            keep=[tmp_path])
+
+
+def test_convert_refuses_nan_weights_and_writes_nothing(good_weights, tmp_path, capsys):
+    nan = _nan_weights(good_weights, tmp_path)
+    refused(capsys, ["convert", nan, tmp_path / "out.npz", "--input", "1,65,65"], 2,
+            f"{nan}: non-finite values (NaN or infinity) in conv2.weight", keep=[tmp_path])
+
+
+def test_evaluate_reports_the_images_really_scored(good_weights, capsys, tiny):
+    assert main(["evaluate", "--backend", "pt", "--input-size", "65", "--weights", str(good_weights),
+                 "--limit-test", "100000000", "--no-progress"]) == 0
+    assert f"on {len(TINY.test_labels)} images" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["convert", "{good}", "{tmp}/w.npz", "--input", "1,65,65"],
+                                  ["export", "--backend", "pt", "--weights", "{good}", "--out", "{tmp}/out",
+                                   "--input", "1,65,65"]], ids=["convert", "export"])
+def test_a_full_disk_is_named_before_a_framework_writes(argv, good_weights, tmp_path, capsys, monkeypatch):
+    """Some frameworks' writers abort the process on a full disk (PyTorch: SIGABRT, h5py: a segfault):
+    the free space is checked first, and the line says so."""
+    import common.io
+
+    monkeypatch.setattr(common.io.shutil, "disk_usage", lambda path: SimpleNamespace(total=10 << 30, used=10 << 30,
+                                                                                     free=4096))
+    argv = [a.format(good=good_weights, tmp=tmp_path) for a in argv]
+    refused(capsys, argv, 2, "No space left on device", keep=[tmp_path])
+    assert not (tmp_path / "w.npz").exists() and not any((tmp_path / "out").glob("*alexnet*"))
+
+
+def test_a_later_convert_removes_what_a_killed_one_left(good_weights, tmp_path, capsys):
+    stale = tmp_path / f"{TEMP_PREFIX}999999999-0123abcd-w.npz"  # a writer that is no longer alive
+    stale.write_bytes(b"half a file")
+    assert main(["convert", str(good_weights), str(tmp_path / "w.npz"), "--input", "1,65,65"]) == 0
+    assert not stale.exists() and (tmp_path / "w.npz").is_file()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` grey pixels (its image data is empty)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_huge_image_is_bad_input(tmp_path, capsys, good_weights):
+    """A 20000x20000 PNG: Pillow's decompression-bomb guard is an unreadable image, exit 2."""
+    pytest.importorskip("PIL.Image")
+    path = tmp_path / "huge.png"
+    path.write_bytes(png_header(20000, 20000))  # the size is all Pillow reads before it refuses
+    refused(capsys, ["predict", path, "--backend", "pt", "--weights", good_weights, "--variant", "book",
+                     "--input", "1,65,65"], 2, f"{path}: not a readable image", "decompression bomb", keep=[tmp_path])
+
+
+NON_FINITE = [("NaN", np.nan), ("+inf", np.inf), ("-inf", -np.inf)]
+
+
+@pytest.mark.parametrize("name, value", NON_FINITE, ids=[n for n, _ in NON_FINITE])
+def test_forward_refuses_a_non_finite_pixel_in_every_backend(every_backend, name, value):
+    """Before: MXNet's and TensorFlow's pooling and ReLU dropped a NaN and returned plausible logits."""
+    spec = SPEC
+    model = every_backend.build(spec, device="cpu")
+    x = np.zeros((2, *spec.input_shape), np.float32)
+    x[1, 0, 10, 10] = value
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if every_backend.LAYOUT == "NHWC" else x
+    with pytest.raises(ValueError, match=r"the input holds 1 non-finite value\(s\) \(NaN or infinity\)"):
+        every_backend.forward(model, x)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0, 10], r"labels must be in 0\.\.9, got \[10\]"),
+    ([-1, 3], r"labels must be in 0\.\.9, got \[-1\]"),
+    ([1.7, 3.2], "labels must be whole class numbers"),
+    ([1, 2, 3], r"labels must be one per example: expected shape \(2,\)"),
+], ids=["10", "-1", "fractions", "one too many"])
+def test_loss_and_grads_checks_labels_by_one_rule_in_every_backend(backend, labels, message):
+    """Before: MXNet returned a finite loss for label 10 or -1, and every backend truncated 1.7 to 1."""
+    model = backend.build(SPEC.with_dropout(0), device="cpu")
+    x = np.zeros((2, *SPEC.input_shape), np.float32)
+    x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if backend.LAYOUT == "NHWC" else x
+    with pytest.raises(ValueError, match=message):
+        backend.loss_and_grads(model, x, np.array(labels))
+
+
+def test_load_weights_refuses_none_and_nan_weights(every_backend, good_weights):
+    model = every_backend.build(SPEC, device="cpu")
+    with pytest.raises(ValueError, match="weights must be a mapping of canonical arrays or an .npz path, got NoneType"):
+        every_backend.load_weights(model, None)
+    nan = {name: value.copy() for name, value in read_npz(good_weights).items()}
+    nan["fc8.bias"][0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite values \(NaN or infinity\) in fc8.bias"):
+        every_backend.load_weights(model, nan)
+
+
+# ----------------------------------------------------------------------------- runaway replicas
+def test_more_replicas_than_cpus_are_refused_before_any_process_starts(tmp_path, capsys, no_data, monkeypatch):
+    """Before: --replicas 1000 started about 1000 processes and woke the kernel's out-of-memory killer."""
+    import common.launch
+    import common.machine
+
+    monkeypatch.setattr(common.machine, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(common.launch, "run_processes", lambda *a, **k: pytest.fail("replicas were started"))
+    refused(capsys, [*TRAIN, "--batch-size", "9", "--replicas", "3", "--run-dir", tmp_path / "run"], 2,
+            "--replicas 3: each replica process needs a CPU of its own and this process may use 2; use --replicas 2",
+            keep=[tmp_path])
+    assert not (tmp_path / "run").exists()
+
+
+def test_replicas_that_would_not_fit_in_memory_are_refused(tmp_path, capsys, no_data, monkeypatch):
+    import common.launch
+    import common.machine
+
+    monkeypatch.setattr(common.machine, "usable_cpus", lambda: 64)
+    monkeypatch.setattr(common.machine, "available_memory", lambda: 1 << 30)
+    monkeypatch.setattr(common.launch, "run_processes", lambda *a, **k: pytest.fail("replicas were started"))
+    line = refused(capsys, [*TRAIN, "--batch-size", "64", "--replicas", "64", "--run-dir", tmp_path / "run"], 2,
+                   "--replicas 64: each replica process needs about", "1.0 GiB is available; use --replicas",
+                   "or a smaller --batch-size", keep=[tmp_path])
+    assert not (tmp_path / "run").exists(), line
+
+
+def test_a_replica_killed_by_sigkill_is_named_as_out_of_memory(tmp_path, capsys, monkeypatch):
+    """Before: 55 lines of "replica N failed (exit 143): no output", memory never named. Now the replicas the
+    launcher stopped are one line, and a SIGKILL names the out-of-memory killer."""
+    import common.data
+    import common.launch
+
+    def run_processes(processes, *, exit_codes, **kwargs):
+        for process in processes[1:]:
+            Path(process.log).write_text("")  # no output
+        exit_codes[:] = [1, 137] + [143] * (len(processes) - 2)
+        return 1
+
+    monkeypatch.setattr(common.launch, "run_processes", run_processes)
+    monkeypatch.setattr(common.data, "locate", lambda *a, **k: tmp_path / "data")
+    assert main([*TRAIN, "--batch-size", "8", "--replicas", "2", "--run-dir", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("alexnet train: replica 1 failed (exit 137)")
+    assert err[-1].startswith("alexnet train: replica(s) 1 killed by SIGKILL (exit 137), most likely by the "
+                              "kernel's out-of-memory killer: each replica needs about")
+    assert len(err) == 2
+
+
+def test_a_signal_while_starting_replicas_starts_no_more(monkeypatch):
+    """Before: SIGTERM to the launcher did not stop it starting replicas."""
+    import common.launch
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the launcher is starting them
+        return started[-1]
+
+    monkeypatch.setattr(common.launch.subprocess, "Popen", popen)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    codes: list[int] = []
+    status = common.launch.run_processes([common.launch.Process(sleeper) for _ in range(4)], grace=5, exit_codes=codes)
+    assert len(started) == 1 and codes == [143] and status == 143
+
+
+# ----------------------------------------------------------------------------- exits that say why
+def test_parity_on_a_gpu_without_one_is_exit_2_with_the_reason(capsys):
+    """Before: exit 1 and a table of '-'."""
+    backend = get_backend("pt")
+    if backend.gpu_available():
+        pytest.skip("PyTorch computes on a GPU here")
+    refused(capsys, ["parity", "--backends", "pt", "--device", "gpu", "--input", "1,65,65"], 2,
+            "--device gpu was asked for, but PyTorch cannot compute on a GPU here")
+
+
+def test_bench_refuses_an_unwritable_out_before_the_benchmark(tmp_path, capsys, monkeypatch):
+    """Before: the whole benchmark ran, then failed to write, and its results were lost."""
+    import common.bench
+
+    monkeypatch.setattr(common.bench, "_run_jobs", lambda *a, **k: pytest.fail("the benchmark ran"))
+    (tmp_path / "file").write_text("not a folder")
+    refused(capsys, ["bench", "--backends", "pt", "--data", "synthetic", "--out", tmp_path / "file" / "out"], 2,
+            f"output folder {tmp_path / 'file' / 'out'} is not writable", keep=[tmp_path])
+
+
+def test_compare_into_an_earlier_comparison_does_not_advise_resume(finished_run, tmp_path, capsys, no_data):
+    (tmp_path / "cmp" / "pt").mkdir(parents=True)
+    shutil.copy(finished_run / "checkpoint.npz", tmp_path / "cmp" / "pt" / "checkpoint.npz")
+    line = refused(capsys, ["compare", "--backends", "pt", "--run-dir", tmp_path / "cmp"], 2,
+                   "holds an earlier comparison", "compare starts afresh and cannot continue one: use a new --run-dir",
+                   keep=[tmp_path])
+    assert "--resume" not in line
+
+
+def test_compare_refuses_a_backend_named_twice_before_any_work(tmp_path, capsys, no_data):
+    refused(capsys, ["compare", "--backends", "pt,pt", "--run-dir", tmp_path / "cmp"], 2,
+            "argument --backends: backend(s) pt named more than once in 'pt,pt'", keep=[tmp_path])
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_evaluate_on_images_names_its_own_flag(good_weights, tmp_path, capsys):
+    """Weights for 65x65 inputs evaluated on a folder of images: evaluate has --input-size, not --input."""
+    pytest.importorskip("PIL.Image")
+    refused(capsys, ["evaluate", "--backend", "pt", "--weights", good_weights, "--images", tmp_path], 2,
+            "these weights fit no variant at input size 224", "say which with --variant and --input-size")
+
+
+def test_a_tensorflow_failure_is_one_line_from_a_fresh_interpreter(tmp_path):
+    """Before: absl/oneDNN log lines came before the one line."""
+    get_backend("tf")
+    (tmp_path / "rand.weights.h5").write_bytes(os.urandom(4096))
+    result = subprocess.run([sys.executable, "-m", "common", "convert", str(tmp_path / "rand.weights.h5"),
+                             str(tmp_path / "w.npz"), "--input", "1,65,65"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert "not a readable Keras weights file" in result.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(lr=float("nan")), "lr must be a positive number, got nan"),
+    (dict(lr=1e300), r"lr must be at most 3\.403e\+38"),
+    (dict(lr=0.01, momentum=1.5), r"momentum must be in \[0, 1\), got 1.5"),
+], ids=["lr nan", "lr 1e300", "momentum 1.5"])
+def test_make_trainer_checks_its_settings_in_every_backend(backend, settings, message):
+    model = backend.build(SPEC, device="cpu")
+    with pytest.raises(ValueError, match=message):
+        backend.make_trainer(model, **settings)
+
+
+# ----------------------------------------------------------------------------- compare: a parting is not a bug
+def test_compare_says_where_two_backends_part_and_whether_a_spike_came_first():
+    """Before: three curves that agreed for 12 steps, spiked, then went separate ways looked like a broken
+    backend. Now each pair's first parting step is named, with the spike before it, and what that means."""
+    from common.divergence import MEANING, PART_TOLERANCE, partings, report
+
+    agree = [2.30, 2.29, 2.27, 2.25]
+    spiked = agree + [3.4, 2.9, 2.8]
+    parted = partings({"pt": spiked, "tf": agree + [3.4, 2.3, 2.3], "mx": [2.30, 2.40, 2.27, 2.25, 3.4, 2.9, 2.8]})
+    described = [p.describe() for p in parted]
+    assert described == [
+        "pt vs tf: part at step 6 of 7 (pt 2.9, tf 2.3), after a loss spike at step 5",
+        "pt vs mx: part at step 2 of 7 (pt 2.29, mx 2.4), with no loss spike before",
+        "tf vs mx: part at step 2 of 7 (tf 2.29, mx 2.4), with no loss spike before",
+    ]
+    text = report(parted)
+    assert text.splitlines()[0] == (f"training losses per step, parted where they differ by more than "
+                                    f"{PART_TOLERANCE:g} (relative):")
+    assert text.endswith(MEANING) and "alexnet parity" in MEANING
+    assert report(partings({"pt": agree, "tf": [x * (1 + 1e-5) for x in agree]})).endswith("agree on all 4 steps")
+    assert "--dropout 0" in report(parted, dropout=True)

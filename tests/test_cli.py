@@ -11,7 +11,7 @@ from common.cli import main
 from common.spec import book_alexnet
 from common.weights import (GOOD_STEPS_KEY, LOSS_SCALE_INITIAL, LOSS_SCALE_KEY, LOSS_SCALED_PRECISIONS, init_weights,
                             read_npz, save_weights)
-from tests.conftest import REAL_DATA, TRAINING_BACKENDS
+from tests.conftest import REAL_DATA, TRAINING_BACKENDS, get_backend
 
 
 def run(*args):
@@ -161,6 +161,7 @@ MIXED_PRECISIONS = [(name, precision) for name in training_backends() for precis
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real Fashion-MNIST not at {REAL_DATA}")
 @pytest.mark.parametrize("name, precision", MIXED_PRECISIONS, ids=[f"{n}-{p}" for n, p in MIXED_PRECISIONS])
 def test_train_in_mixed_precision_on_the_cpu_where_the_framework_has_it(name, precision, tmp_path):
+    get_backend(name)  # skipped with the reason where the framework is not installed
     run_dir = tmp_path / "run"
     assert main(["train", "--backend", name, "--precision", precision, "--input-size", "65", "--epochs", "1",
                  "--limit-train", "32", "--limit-test", "32", "--batch-size", "16", "--data-dir", str(REAL_DATA),
@@ -186,3 +187,21 @@ def test_a_precision_the_backend_lacks_is_refused_before_any_work(tmp_path):
     assert lines[0] == ("alexnet train: error: the MXNet backend (mx) trains in precision fp32, not 'bf16': "
                         + dict(capabilities("mx").precision_gaps)["bf16"])
     assert not (tmp_path / "run").exists()
+
+
+def test_every_flag_has_a_help_text_that_names_its_default():
+    """The CLI reads like its manual: no flag without a help text, none with a default it does not state."""
+    import argparse
+
+    from common.cli import build_parser
+
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = []
+    for name, parser in commands.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            stated = action.help and (action.required or action.default in (None, False) or "default" in action.help)
+            if not stated:
+                silent.append(f"{name} {(action.option_strings or [action.dest])[0]}")
+    assert silent == []

@@ -6,6 +6,7 @@ import pytest
 
 from common import backend as B
 from common.machine import cpu_features, cpu_model, describe_cpu
+from tests.conftest import get_backend
 
 
 def test_auto_with_a_usable_gpu_takes_it_and_without_one_is_quiet(capsys):
@@ -39,6 +40,7 @@ def test_every_backend_answers_false_with_a_reason_on_this_cpu_machine(backend):
 
 def test_pytorch_counts_a_gpu_only_if_a_convolution_runs_on_it(monkeypatch):
     """A device PyTorch reports but cannot run kernels on (an old wheel on a new GPU) is not usable."""
+    get_backend("pt")  # skipped with the reason where PyTorch is not installed
     import torch
 
     from alexnet_pt import _framework
@@ -62,7 +64,7 @@ def test_pytorch_counts_a_gpu_only_if_a_convolution_runs_on_it(monkeypatch):
 def test_mxnet_explains_a_gpu_beyond_its_wheels_kernels(monkeypatch):
     """MXNet 1.9.1's CUDA wheels stop at compute capability 8.6: on an H100/H200 (9.0) it sees the
     GPU and cannot run a kernel. Simulated on this CPU build: the convolution on gpu(0) fails."""
-    import alexnet_mx
+    alexnet_mx = get_backend("mx")  # skipped with the reason where MXNet is not installed
     from alexnet_mx import _framework
     from mxnet import runtime, util
 
@@ -95,9 +97,8 @@ def test_math_environment_is_set_before_a_framework_import(math, expected):
 
 
 def test_pytorch_math_mode_switches_both_convolutions_and_matmuls():
+    alexnet_pt = get_backend("pt")  # skipped with the reason where PyTorch is not installed
     import torch
-
-    import alexnet_pt
 
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:

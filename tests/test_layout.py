@@ -21,7 +21,7 @@ OPTIONAL_BACKEND_FILES = {"_layers.py"}  # only where the framework lacks a laye
 # (the CLI, bench, plots, the training loop's files and reports), so it stays small and importable alone.
 LIBRARY = {"common", "common.errors", "common.spec", "common.shapes", "common.weights", "common.reference", "common.parity",
            "common.backend", "common.io", "common.report", "common.data", "common.machine", "common.zoo",
-           "common.images", "common.replicas"}
+           "common.images", "common.replicas", "common.divergence"}
 APPLICATION = {"common.train", "common.plots", "common.cli", "common.cli_args", "common.bench",
                "common.bench_worker", "common.__main__", "common.launch"}
 

@@ -89,7 +89,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(np, "savez", broken)
+    monkeypatch.setattr(np.lib.format, "write_array", broken)
     with pytest.raises(OSError, match="disk full"):
         save_weights(path, {"a": np.zeros(3, np.float32)})
     assert np.array_equal(read_npz(path)["a"], np.ones(3)) and len(list(tmp_path.iterdir())) == 1
