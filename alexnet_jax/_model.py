@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common import spec as S
+from common.backend import check_finite_input, checked_labels
 from common.io import atomic_path
 from common.weights import (DTYPE, WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
                             nhwc_flatten_permutation, resolve_weights)
@@ -269,6 +270,7 @@ def forward(model: AlexNet, x, *, training: bool = False, capture: bool = False)
     by name (NHWC for images; 2-D after Flatten, whose columns are in (H, W, C) order:
     ``flatten_jax == flatten_nchw[:, common.weights.nhwc_flatten_permutation(spec)]``)."""
     x = as_input(model, x)
+    check_finite_input(x)
     out = _jitted(model_spec(model), "forward", training, capture)(model.params, x,
                                                                    _next_key(model) if training else None)
     if capture:
@@ -281,7 +283,8 @@ def loss_and_grads(model: AlexNet, x, labels) -> tuple[float, dict[str, np.ndarr
     """Mean softmax cross entropy and its gradients in canonical names and layout, in training
     mode (dropout as the spec says)."""
     x = as_input(model, x)
-    labels = as_labels(labels, model.spec.num_classes)
+    check_finite_input(x)
+    labels = checked_labels(labels, model.spec.num_classes, len(x)).astype(np.int32)
     value, grads = _jitted(model.spec, "loss_and_grads")(model.params, x, labels, _next_key(model))
     return float(value), canonical_arrays(model.spec, grads)
 
