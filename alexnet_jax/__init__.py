@@ -28,8 +28,8 @@ CAPABILITIES = Capabilities(
     ),
     native_suffixes=(".msgpack",),
     exports=(
-        Artifact(".jax_exported", "import jax.export, numpy; exported = jax.export.deserialize(bytearray(open(path, 'rb')"
-                 ".read())); run = lambda x: numpy.asarray(exported.call(x))"),
+        Artifact(".jax_exported", "import jax.export, numpy; exported = jax.export.deserialize("
+                 "bytearray(open(path, 'rb').read())); run = lambda x: numpy.asarray(exported.call(x))"),
     ),
     recorded_variables=("XLA_FLAGS", "JAX_PLATFORMS", "JAX_DEFAULT_MATMUL_PRECISION"),
     # Read when JAX is imported: the precision of float32 matrix products and convolutions on a GPU.

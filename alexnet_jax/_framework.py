@@ -149,7 +149,8 @@ def peak_device_memory(device: str) -> int | None:
 def runtime_info(device: str) -> dict:
     import jaxlib
 
-    info = {"framework": f"JAX {jax.__version__}", "jaxlib": jaxlib.__version__, "flax": flax.__version__, "devices": len(devices(device) or [0]),
+    info = {"framework": f"JAX {jax.__version__}", "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "devices": len(devices(device)),
             "matmul_precision": str(jax.config.jax_default_matmul_precision),
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if device == "gpu":

@@ -222,13 +222,9 @@ def as_input(model: AlexNet, x) -> np.ndarray:
     return x
 
 
-def as_labels(labels, classes: int) -> np.ndarray:
-    """Integer class indices as int32, each in [0, classes)."""
-    labels = np.asarray(labels).reshape(-1)
-    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"labels must be integer classes in [0, {classes}), got {labels.dtype} values "
-                         f"{labels.min()}..{labels.max()}")
-    return labels.astype(np.int32)
+def as_labels(labels, classes: int, batch: int) -> np.ndarray:
+    """Class labels by the one rule (``common.backend.checked_labels``), as the int32 JAX indexes with."""
+    return checked_labels(labels, classes, batch).astype(np.int32)
 
 
 def cross_entropy(logits, labels):
@@ -284,7 +280,7 @@ def loss_and_grads(model: AlexNet, x, labels) -> tuple[float, dict[str, np.ndarr
     mode (dropout as the spec says)."""
     x = as_input(model, x)
     check_finite_input(x)
-    labels = checked_labels(labels, model.spec.num_classes, len(x)).astype(np.int32)
+    labels = as_labels(labels, model.spec.num_classes, len(x))
     value, grads = _jitted(model.spec, "loss_and_grads")(model.params, x, labels, _next_key(model))
     return float(value), canonical_arrays(model.spec, grads)
 

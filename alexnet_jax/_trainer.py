@@ -114,7 +114,7 @@ class Trainer(TrainerBase):
 
     def train_step(self, x, labels, *, seed: int) -> tuple[float, int]:
         """One SGD step on the global batch (over the replicas, if several); (mean loss, correct)."""
-        labels = as_labels(labels, self.spec.num_classes)
+        labels = as_labels(labels, self.spec.num_classes, len(x))
         lr = np.float32(self._lr)
         if self.replicas == 1:
             out = self._train(self.model.params, self._buffers, self._scale, self._input(x), labels,
@@ -128,7 +128,7 @@ class Trainer(TrainerBase):
         return float(loss), int(correct)  # read from the device: the step has finished
 
     def eval_step(self, x, labels) -> tuple[float, int]:
-        loss, correct = self._eval(self.model.params, self._input(x), as_labels(labels, self.spec.num_classes))
+        loss, correct = self._eval(self.model.params, self._input(x), as_labels(labels, self.spec.num_classes, len(x)))
         return float(loss), int(correct)
 
     def optimizer_state(self) -> dict[str, np.ndarray]:

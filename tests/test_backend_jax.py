@@ -287,7 +287,8 @@ def test_a_new_lr_acts_on_the_next_step(model):
     trainer.train_step(x, labels, seed=0)
     after = A.export_weights(model)
     assert trainer.lr == 0.1
-    assert _update_error(weights["fc8.weight"], after["fc8.weight"], 0.1 * grads["fc8.weight"].astype(np.float64)) < 1e-5
+    step = 0.1 * grads["fc8.weight"].astype(np.float64)
+    assert _update_error(weights["fc8.weight"], after["fc8.weight"], step) < 1e-5
 
 
 @needs_jax
@@ -387,7 +388,8 @@ def test_prepare_matches_common_preprocess(model):
 def test_labels_outside_the_classes_are_refused(model):
     x, _ = _batch(SMALL_NO_DROPOUT)
     for labels in (np.array([0, 10]), np.array([-1, 0])):
-        with pytest.raises(ValueError, match=r"labels must be in 0\.\.9, got \[(10|-1)\]"):  # common.backend.checked_labels
+        # the one rule of every backend, common.backend.checked_labels
+        with pytest.raises(ValueError, match=r"labels must be in 0\.\.9, got \[(10|-1)\]"):
             A.loss_and_grads(model, x, labels)
 
 
