@@ -18,8 +18,7 @@ import numpy as np
 from common import spec as S
 from common.backend import check_finite_input, checked_labels
 from common.io import atomic_path
-from common.weights import (DTYPE, WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
-                            nhwc_flatten_permutation, resolve_weights)
+from common.weights import DTYPE, WeightsError, build_recipe, channels_last_converters, check_arrays, resolve_weights
 
 from . import CAPABILITIES
 from ._framework import device_of_kind, flax_serialization, jax, jnp, nn, replica_mesh
@@ -107,50 +106,15 @@ class Param:
     to_canonical: Callable[[np.ndarray], np.ndarray]
 
 
-def _identity(array: np.ndarray) -> np.ndarray:
-    return array
-
-
-def _conv_to_native(w: np.ndarray) -> np.ndarray:  # (O, I/g, kH, kW) -> (kH, kW, I/g, O)
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-
-
-def _conv_to_canonical(k: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
-
-
-def _dense_to_native(w: np.ndarray) -> np.ndarray:  # (out, in) -> (in, out)
-    return np.ascontiguousarray(w.T)
-
-
-def _first_dense_converters(perm: np.ndarray):
-    """fc6: canonical columns in NCHW flatten order, Flax's kernel rows in NHWC order (row j is column perm[j])."""
-
-    def to_native(w: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(w[:, perm].T)
-
-    def to_canonical(k: np.ndarray) -> np.ndarray:
-        w = np.empty((k.shape[1], k.shape[0]), k.dtype)
-        w[:, perm] = k.T
-        return w
-
-    return to_native, to_canonical
-
-
 @functools.lru_cache(maxsize=None)
 def params_table(spec: S.ModelSpec) -> tuple[Param, ...]:
     """Every parameter in canonical (common.weights.expected_shapes) order."""
-    first_dense = first_dense_after_flatten(spec)
+    converters = channels_last_converters(spec)
     table = []
     for layer in spec.weighted_layers():
-        if isinstance(layer, S.Conv2d):
-            to_native, to_canonical = _conv_to_native, _conv_to_canonical
-        elif layer.name == first_dense:
-            to_native, to_canonical = _first_dense_converters(nhwc_flatten_permutation(spec))
-        else:
-            to_native, to_canonical = _dense_to_native, _dense_to_native  # a transpose both ways
-        table.append(Param(f"{layer.name}.weight", layer.name, "kernel", to_native, to_canonical))
-        table.append(Param(f"{layer.name}.bias", layer.name, "bias", _identity, _identity))
+        for canonical, leaf in (("weight", "kernel"), ("bias", "bias")):
+            name = f"{layer.name}.{canonical}"
+            table.append(Param(name, layer.name, leaf, *converters[name]))
     return tuple(table)
 
 

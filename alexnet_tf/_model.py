@@ -19,8 +19,7 @@ from common import spec as S
 from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, check_finite_input, checked_labels
 from common.io import atomic_folder, atomic_path
 from common.machine import has_avx512
-from common.weights import (WeightsError, build_recipe, check_arrays, first_dense_after_flatten,
-                            nhwc_flatten_permutation, resolve_weights)
+from common.weights import WeightsError, build_recipe, channels_last_converters, check_arrays, resolve_weights
 
 from . import CAPABILITIES
 from ._framework import device_name, keras, replica_scope, replica_strategy, resolve_device, tf
@@ -180,58 +179,17 @@ class Param:
     to_canonical: Callable[[np.ndarray], np.ndarray]
 
 
-def _identity(array: np.ndarray) -> np.ndarray:
-    return array
-
-
-def _conv_to_native(w: np.ndarray) -> np.ndarray:  # (O, I/g, kH, kW) -> (kH, kW, I/g, O)
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-
-
-def _conv_to_canonical(k: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
-
-
-def _dense_to_native(w: np.ndarray) -> np.ndarray:  # (out, in) -> (in, out)
-    return np.ascontiguousarray(w.T)
-
-
-def _dense_to_canonical(k: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(k.T)
-
-
-def _first_dense_converters(perm: np.ndarray):
-    """fc6: canonical columns are in NCHW flatten order, Keras' rows in NHWC order.
-    Keras row j is canonical column perm[j]."""
-
-    def to_native(w: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(w[:, perm].T)
-
-    def to_canonical(k: np.ndarray) -> np.ndarray:
-        w = np.empty((k.shape[1], k.shape[0]), k.dtype)
-        w[:, perm] = k.T
-        return w
-
-    return to_native, to_canonical
-
-
 def params(model) -> tuple[Param, ...]:
     """Every parameter in canonical (common.weights.expected_shapes) order."""
     memo = cache(model)
     if "params" not in memo:
         spec = spec_of(model)
-        first_dense = first_dense_after_flatten(spec)
+        converters = channels_last_converters(spec)
         result = []
         for layer in spec.weighted_layers():
             native = model.get_layer(layer.name)
-            if isinstance(layer, S.Conv2d):
-                to_native, to_canonical = _conv_to_native, _conv_to_canonical
-            elif layer.name == first_dense:
-                to_native, to_canonical = _first_dense_converters(nhwc_flatten_permutation(spec))
-            else:
-                to_native, to_canonical = _dense_to_native, _dense_to_canonical
-            result.append(Param(f"{layer.name}.weight", native.kernel, to_native, to_canonical))
-            result.append(Param(f"{layer.name}.bias", native.bias, _identity, _identity))
+            for leaf, variable in (("weight", native.kernel), ("bias", native.bias)):
+                result.append(Param(f"{layer.name}.{leaf}", variable, *converters[f"{layer.name}.{leaf}"]))
         memo["params"] = tuple(result)
     return memo["params"]
 

@@ -296,6 +296,54 @@ def nhwc_flatten_permutation(spec: ModelSpec) -> np.ndarray:
     raise WeightsError(f"spec {spec.name!r} has no Flatten layer")
 
 
+def _same(array: np.ndarray) -> np.ndarray:
+    return array
+
+
+def _conv_to_hwio(w: np.ndarray) -> np.ndarray:  # (O, I/g, kH, kW) -> (kH, kW, I/g, O)
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+
+
+def _conv_from_hwio(k: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
+
+
+def _transposed(w: np.ndarray) -> np.ndarray:  # dense (out, in) <-> (in, out)
+    return np.ascontiguousarray(w.T)
+
+
+def _first_dense_converters(perm: np.ndarray):
+    """The first dense layer after Flatten: canonical columns in NCHW flatten order, the native
+    (in, out) kernel's rows in NHWC order (row j is canonical column perm[j])."""
+
+    def to_native(w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(w[:, perm].T)
+
+    def to_canonical(k: np.ndarray) -> np.ndarray:
+        w = np.empty((k.shape[1], k.shape[0]), k.dtype)
+        w[:, perm] = k.T
+        return w
+
+    return to_native, to_canonical
+
+
+def channels_last_converters(spec: ModelSpec) -> dict[str, tuple]:
+    """Canonical parameter name -> (to_native, to_canonical) for a framework that runs NHWC and keeps
+    convolution kernels as (kH, kW, in/groups, out) and dense kernels as (in, out) (Keras and Flax do):
+    the canonical layout is PyTorch's, and the first dense layer's rows follow the NHWC flatten order."""
+    first_dense = first_dense_after_flatten(spec)
+    converters = {}
+    for layer in spec.weighted_layers():
+        if isinstance(layer, Conv2d):
+            kernel = (_conv_to_hwio, _conv_from_hwio)
+        elif layer.name == first_dense:
+            kernel = _first_dense_converters(nhwc_flatten_permutation(spec))
+        else:
+            kernel = (_transposed, _transposed)
+        converters[f"{layer.name}.weight"], converters[f"{layer.name}.bias"] = kernel, (_same, _same)
+    return converters
+
+
 def first_dense_after_flatten(spec: ModelSpec) -> str:
     """The dense layer whose input columns follow the flatten order (fc6 in AlexNet)."""
     flattened = False
