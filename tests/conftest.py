@@ -67,3 +67,27 @@ def seed(request):
 
 def has_gpu(backend) -> bool:
     return bool(backend.gpu_available())
+
+
+# ------------------------------------------------------------------ checks the backends' own tests share
+def relative_error(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def update_error(before: np.ndarray, after: np.ndarray, update: np.ndarray) -> float:
+    """Relative error of the step ``before -> after`` against ``before - update`` (float64). The expected
+    weights are rounded to float32 first, as any float32 framework stores them: with lr * grad about 1e-3
+    of a weight, that rounding alone would be ~1e-4 of the step."""
+    before = before.astype(np.float64)
+    expected = (before - update).astype(np.float32).astype(np.float64)
+    return relative_error(before - after, before - expected)
+
+
+def assert_same_weights(got: dict, expected: dict) -> None:
+    """The same canonical weights, bit for bit: names, float32, shapes and values."""
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].dtype == np.float32 and got[name].shape == expected[name].shape, name
+        assert np.array_equal(got[name], expected[name]), name

@@ -24,7 +24,7 @@ from common import shapes
 from common import spec as S
 from common.backend import DeviceError, load_plain
 from common.weights import LOSS_SCALE_INITIAL, WeightsError, init_weights, nhwc_flatten_permutation, save_weights
-from tests.conftest import REQUIRE_ALL
+from tests.conftest import REQUIRE_ALL, assert_same_weights, relative_error, update_error
 
 try:
     import alexnet_jax as A
@@ -44,30 +44,10 @@ SMALL = S.book_alexnet().with_input(1, 67, 67)
 SMALL_NO_DROPOUT = SMALL.with_dropout(0.0)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _update_error(before: np.ndarray, after: np.ndarray, update: np.ndarray) -> float:
-    """Relative error of the step ``before -> after`` against ``before - update``, the expected
-    weights rounded to float32 first (as any float32 framework stores them)."""
-    before = before.astype(np.float64)
-    expected = (before - update).astype(np.float32).astype(np.float64)
-    return _rel(before - after, before - expected)
-
-
 def _batch(spec: S.ModelSpec, seed: int = 0, batch: int = BATCH):
     rng = np.random.default_rng(seed)
     c, h, w = spec.input_shape
     return rng.standard_normal((batch, h, w, c)).astype(np.float32), rng.integers(0, spec.num_classes, batch)
-
-
-def _assert_same_weights(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert got[name].dtype == np.float32 and got[name].shape == expected[name].shape, name
-        assert np.array_equal(got[name], expected[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +118,10 @@ def test_math_mode_sets_jaxs_matmul_precision():
 def test_load_export_round_trip_is_bit_exact(model, tmp_path):
     weights = init_weights(SMALL_NO_DROPOUT, seed=5)
     A.load_weights(model, weights)
-    _assert_same_weights(A.export_weights(model), weights)
+    assert_same_weights(A.export_weights(model), weights)
     path = save_weights(tmp_path / "w.npz", init_weights(SMALL_NO_DROPOUT, seed=6))
     A.load_weights(model, path)
-    _assert_same_weights(A.export_weights(model), init_weights(SMALL_NO_DROPOUT, seed=6))
+    assert_same_weights(A.export_weights(model), init_weights(SMALL_NO_DROPOUT, seed=6))
 
 
 @needs_jax
@@ -153,7 +133,7 @@ def test_round_trip_keeps_the_flatten_permutation_at_a_larger_input():
     perm = nhwc_flatten_permutation(spec)
     assert not np.array_equal(perm, np.arange(perm.size))
     assert np.array_equal(np.asarray(model.params["fc6"]["kernel"]), weights["fc6.weight"][:, perm].T)
-    _assert_same_weights(A.export_weights(model), weights)
+    assert_same_weights(A.export_weights(model), weights)
     x, _ = _batch(spec)
     _, acts = A.forward(model, x, capture=True)
     pool5_nchw = acts["pool5"].transpose(0, 3, 1, 2).reshape(BATCH, -1)
@@ -170,7 +150,7 @@ def test_bad_weights_change_nothing(model, tmp_path):
     for bad in (wrong_shape, wrong_dtype, missing):
         with pytest.raises(WeightsError):
             A.load_weights(model, bad)
-        _assert_same_weights(A.export_weights(model), before)
+        assert_same_weights(A.export_weights(model), before)
 
 
 @needs_jax
@@ -179,19 +159,19 @@ def test_native_checkpoint_round_trip_and_refusal(model, tmp_path):
     expected = A.export_weights(model)
     other = A.build(SMALL_NO_DROPOUT, seed=1)
     A.load_native(other, path)
-    _assert_same_weights(A.export_weights(other), expected)
+    assert_same_weights(A.export_weights(other), expected)
 
     mismatched = A.build(SMALL_NO_DROPOUT, num_classes=3, seed=2)
     before = A.export_weights(mismatched)
     with pytest.raises(WeightsError, match="ckpt.msgpack") as info:
         A.load_native(mismatched, path)
     assert "fc8" in str(info.value)
-    _assert_same_weights(A.export_weights(mismatched), before)
+    assert_same_weights(A.export_weights(mismatched), before)
     corrupt = tmp_path / "corrupt.msgpack"
     corrupt.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(WeightsError, match="not a readable Flax msgpack checkpoint"):
         A.load_native(mismatched, corrupt)
-    _assert_same_weights(A.export_weights(mismatched), before)
+    assert_same_weights(A.export_weights(mismatched), before)
 
 
 @needs_jax
@@ -242,7 +222,7 @@ def test_one_sgd_step_moves_each_weight_by_lr_times_grad(model):
     after = A.export_weights(model)
     assert step_loss == pytest.approx(loss, rel=1e-6) and 0 <= correct <= BATCH
     for name, grad in grads.items():
-        assert _update_error(before[name], after[name], lr * grad.astype(np.float64)) < 1e-5, name
+        assert update_error(before[name], after[name], lr * grad.astype(np.float64)) < 1e-5, name
     assert trainer.optimizer_state() == {}
 
 
@@ -263,12 +243,12 @@ def test_momentum_and_weight_decay_follow_pytorch_sgd_over_two_steps(model):
         trainer.train_step(x, labels, seed=step)
         got = A.export_weights(model)
         for name in grads:
-            assert _update_error(w[name], got[name], lr * buf[name]) < 1e-5, (step, name)
+            assert update_error(w[name], got[name], lr * buf[name]) < 1e-5, (step, name)
         w = got
     state = trainer.optimizer_state()
     assert sorted(state) == sorted(f"momentum/{name}" for name in grads)
     for name in grads:
-        assert _rel(state[f"momentum/{name}"], buf[name]) < 1e-5
+        assert relative_error(state[f"momentum/{name}"], buf[name]) < 1e-5
     fresh = A.make_trainer(model, lr=lr, momentum=momentum, weight_decay=wd)
     fresh.load_optimizer_state(state)
     for name, value in fresh.optimizer_state().items():
@@ -288,7 +268,7 @@ def test_a_new_lr_acts_on_the_next_step(model):
     after = A.export_weights(model)
     assert trainer.lr == 0.1
     step = 0.1 * grads["fc8.weight"].astype(np.float64)
-    assert _update_error(weights["fc8.weight"], after["fc8.weight"], step) < 1e-5
+    assert update_error(weights["fc8.weight"], after["fc8.weight"], step) < 1e-5
 
 
 @needs_jax
@@ -306,7 +286,7 @@ def test_train_step_dropout_is_a_function_of_the_seed():
     loss_a, after_a = step(7)
     loss_b, after_b = step(7)
     assert loss_a == loss_b
-    _assert_same_weights(after_b, after_a)
+    assert_same_weights(after_b, after_a)
     _, after_c = step(8)
     assert not np.array_equal(after_c["fc7.weight"], after_a["fc7.weight"])
     loss_d, _ = step(7, A.make_trainer(model, lr=0.01))  # a new trainer, as after a resume
@@ -338,7 +318,7 @@ def test_resumed_training_repeats_an_uninterrupted_run_bit_for_bit(donate):
     again = A.make_trainer(resumed, **settings)
     again.load_optimizer_state(trainer.optimizer_state())
     run(again, range(2, 4))
-    _assert_same_weights(A.export_weights(resumed), A.export_weights(full))
+    assert_same_weights(A.export_weights(resumed), A.export_weights(full))
     assert again.options == {"donate": donate, "precision": "fp32"}
 
 
@@ -357,7 +337,7 @@ def test_fp16_skips_a_step_with_non_finite_gradients_and_halves_the_scale(model)
     trainer.train_step(x_bad, labels, seed=1)
     after = trainer.optimizer_state()
     assert float(after["loss_scale/scale"]) == LOSS_SCALE_INITIAL / 2 and int(after["loss_scale/good_steps"]) == 0
-    _assert_same_weights(A.export_weights(model), before)
+    assert_same_weights(A.export_weights(model), before)
 
 
 @needs_jax

@@ -27,7 +27,7 @@ from common import spec as S  # noqa: E402
 from common.backend import DeviceError  # noqa: E402
 from common.weights import (LOSS_SCALE_GROWTH_INTERVAL, LOSS_SCALE_INITIAL, WeightsError, init_weights,  # noqa: E402
                             nhwc_flatten_permutation, save_weights)
-from tests.conftest import REQUIRE_ALL  # noqa: E402
+from tests.conftest import REQUIRE_ALL, assert_same_weights, relative_error, update_error  # noqa: E402
 
 try:
     import alexnet_tf as A
@@ -47,22 +47,6 @@ SMALL = S.book_alexnet().with_input(1, 67, 67)
 SMALL_NO_DROPOUT = SMALL.with_dropout(0.0)
 
 
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _update_error(before: np.ndarray, after: np.ndarray, update: np.ndarray) -> float:
-    """Relative error of the step ``before -> after`` against ``before - update`` (float64).
-
-    The expected weights are rounded to float32 first, as any float32 framework stores them:
-    with lr * grad about 1e-3 of a weight, that rounding alone would be ~1e-4 of the step.
-    """
-    before = before.astype(np.float64)
-    expected = (before - update).astype(np.float32).astype(np.float64)
-    return _rel(before - after, before - expected)
-
-
 def _batch(spec: S.ModelSpec, seed: int = 0):
     """A random NHWC input and labels for ``spec``."""
     rng = np.random.default_rng(seed)
@@ -70,14 +54,6 @@ def _batch(spec: S.ModelSpec, seed: int = 0):
     x = rng.standard_normal((BATCH, h, w, c)).astype(np.float32)
     labels = rng.integers(0, spec.num_classes, BATCH)
     return x, labels
-
-
-def _assert_same_weights(got: dict, expected: dict) -> None:
-    assert got.keys() == expected.keys()
-    for name in expected:
-        assert got[name].dtype == np.float32, name
-        assert got[name].shape == expected[name].shape, name
-        assert np.array_equal(got[name], expected[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +132,10 @@ def test_parameters_live_on_the_gpu():
 def test_load_export_round_trip_is_bit_exact(model, tmp_path):
     weights = init_weights(SMALL_NO_DROPOUT, seed=5)
     A.load_weights(model, weights)
-    _assert_same_weights(A.export_weights(model), weights)
+    assert_same_weights(A.export_weights(model), weights)
     path = save_weights(tmp_path / "w.npz", init_weights(SMALL_NO_DROPOUT, seed=6))
     A.load_weights(model, path)
-    _assert_same_weights(A.export_weights(model), init_weights(SMALL_NO_DROPOUT, seed=6))
+    assert_same_weights(A.export_weights(model), init_weights(SMALL_NO_DROPOUT, seed=6))
 
 
 @needs_tf
@@ -172,7 +148,7 @@ def test_round_trip_keeps_the_flatten_permutation_at_a_larger_input():
     perm = nhwc_flatten_permutation(spec)
     assert not np.array_equal(perm, np.arange(perm.size))
     assert np.array_equal(native, weights["fc6.weight"][:, perm].T)
-    _assert_same_weights(A.export_weights(model), weights)
+    assert_same_weights(A.export_weights(model), weights)
     # and the captured flatten output is the NHWC flatten: columns permuted the same way
     x, _ = _batch(spec)
     _, acts = A.forward(model, x, capture=True)
@@ -190,11 +166,11 @@ def test_bad_weights_change_nothing(model, tmp_path):
     for bad in (wrong_shape, wrong_dtype, missing):
         with pytest.raises(WeightsError):
             A.load_weights(model, bad)
-        _assert_same_weights(A.export_weights(model), before)
+        assert_same_weights(A.export_weights(model), before)
     other = save_weights(tmp_path / "book224.npz", init_weights(S.book_alexnet().with_num_classes(3), seed=0))
     with pytest.raises(WeightsError, match="book224.npz"):
         A.load_weights(model, other)
-    _assert_same_weights(A.export_weights(model), before)
+    assert_same_weights(A.export_weights(model), before)
 
 
 @needs_tf
@@ -203,14 +179,14 @@ def test_native_checkpoint_round_trip_and_refusal(model, tmp_path):
     expected = A.export_weights(model)
     other = A.build(SMALL_NO_DROPOUT, seed=1)
     A.load_native(other, path)
-    _assert_same_weights(A.export_weights(other), expected)
+    assert_same_weights(A.export_weights(other), expected)
 
     mismatched = A.build(SMALL_NO_DROPOUT, num_classes=3, seed=2)
     before = A.export_weights(mismatched)
     with pytest.raises(ValueError, match="ckpt.weights.h5") as info:
         A.load_native(mismatched, path)
     assert "fc8" in str(info.value)
-    _assert_same_weights(A.export_weights(mismatched), before)
+    assert_same_weights(A.export_weights(mismatched), before)
     with pytest.raises(ValueError, match=r"\.weights\.h5"):
         A.save_native(model, tmp_path / "ckpt.h5")
 
@@ -300,7 +276,7 @@ def test_lrn_uses_pytorch_alpha_convention():
     window = sum(padded[..., i:i + a.shape[-1]] for i in range(lrn.size))
     expected = a / (lrn.k + lrn.alpha / lrn.size * window) ** lrn.beta
     assert np.max(np.abs(expected / a.clip(1e-12) - 1)[a > 0]) > 1e-3  # the check below means something
-    assert _rel(acts["norm1"], expected) < 1e-5
+    assert relative_error(acts["norm1"], expected) < 1e-5
 
 
 @needs_tf
@@ -321,7 +297,7 @@ def test_adaptive_avg_pool_matches_pytorch_windows():
             w0, w1 = j * width // out_w, -(-(j + 1) * width // out_w)
             expected[:, i, j] = a[:, h0:h1, w0:w1].mean(axis=(1, 2))
     assert acts["avgpool"].shape == expected.shape
-    assert _rel(acts["avgpool"], expected) < 1e-6
+    assert relative_error(acts["avgpool"], expected) < 1e-6
 
 
 # ------------------------------------------------------------------------------ training
@@ -339,7 +315,7 @@ def test_one_sgd_step_moves_each_weight_by_lr_times_grad(model):
     assert step_loss == pytest.approx(loss, rel=1e-6)
     assert 0 <= correct <= BATCH
     for name, grad in grads.items():
-        assert _update_error(before[name], after[name], lr * grad.astype(np.float64)) < 1e-5, name
+        assert update_error(before[name], after[name], lr * grad.astype(np.float64)) < 1e-5, name
     assert trainer.optimizer_state() == {}
 
 
@@ -376,13 +352,13 @@ def test_momentum_and_weight_decay_follow_pytorch_sgd_over_two_steps(model):
         trainer.train_step(x, labels, seed=step)
         got = A.export_weights(model)
         for name in grads:
-            assert _update_error(w[name], got[name], lr * buf[name]) < 1e-5, (step, name)
+            assert update_error(w[name], got[name], lr * buf[name]) < 1e-5, (step, name)
         w = got
     state = trainer.optimizer_state()
     assert sorted(state) == sorted(f"momentum/{name}" for name in grads)
     for name in grads:
         assert state[f"momentum/{name}"].shape == grads[name].shape
-        assert _rel(state[f"momentum/{name}"], buf[name]) < 1e-5
+        assert relative_error(state[f"momentum/{name}"], buf[name]) < 1e-5
     # the state goes into a fresh trainer unchanged (canonical layout both ways)
     fresh = A.make_trainer(model, lr=lr, momentum=momentum, weight_decay=wd)
     fresh.load_optimizer_state(state)
@@ -408,7 +384,7 @@ def test_train_step_dropout_is_a_function_of_the_seed():
     loss_a, after_a = step(7)
     loss_b, after_b = step(7)
     assert loss_a == loss_b
-    _assert_same_weights(after_b, after_a)
+    assert_same_weights(after_b, after_a)
     loss_c, after_c = step(8)
     assert not np.array_equal(after_c["fc7.weight"], after_a["fc7.weight"])
     # the same seed in a new trainer (as after a resume) repeats it too
@@ -443,7 +419,7 @@ def test_resumed_training_repeats_an_uninterrupted_run_bit_for_bit():
     again = A.make_trainer(resumed, **settings)
     again.load_optimizer_state(trainer.optimizer_state())
     run(resumed, again, range(2, 4))
-    _assert_same_weights(A.export_weights(resumed), A.export_weights(full))
+    assert_same_weights(A.export_weights(resumed), A.export_weights(full))
 
 
 @needs_tf
