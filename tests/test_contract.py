@@ -57,7 +57,7 @@ def test_a_precision_gap_is_refused_with_its_reason_in_one_line():
     refused naming why; a gap must be a known precision outside the record's precisions."""
     import pytest
 
-    record = dict(name="xx", framework="X", extra="x", layout="NCHW", math_modes=("fp32",), devices=("cpu",),
+    record = dict(name="xx", framework="X", extra="x", package="x", layout="NCHW", math_modes=("fp32",), devices=("cpu",),
                   speed_ups=(), native_suffixes=(".x",))
     gappy = Capabilities(**record, precisions=("fp32",), precision_gaps=(("fp16", "needs a GPU"),))
     with pytest.raises(ValueError, match=r"^the X backend \(xx\) trains in precision fp32, not 'fp16': needs a GPU$"):
