@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from common import spec as S
-from common.backend import check_finite_input, checked_labels
+from common.backend import channels_last_input, check_finite_input, checked_labels
 from common.io import atomic_path
 from common.weights import DTYPE, WeightsError, build_recipe, channels_last_converters, check_arrays, resolve_weights
 
@@ -172,18 +172,9 @@ def export_weights(model: AlexNet) -> dict[str, np.ndarray]:
     return canonical_arrays(model_spec(model), model.params)
 
 
-def as_input(model: AlexNet, x) -> np.ndarray:
+def as_input(model, x) -> np.ndarray:
     """``x`` as float32 NHWC numpy at the spec's size, shape checked (an NCHW array is named as such)."""
-    spec = model_spec(model)
-    x = np.asarray(x, dtype=np.float32)
-    expected = (*spec.input_size, spec.in_channels)
-    if x.ndim != 4 or x.shape[1:] != expected:
-        hint = ""
-        if x.ndim == 4 and x.shape[1:] == spec.input_shape:
-            hint = " It looks like NCHW: alexnet_jax takes NHWC (transpose with x.transpose(0, 2, 3, 1))."
-        raise ValueError(f"expected an input of shape (N, {', '.join(map(str, expected))}) in NHWC for spec "
-                         f"{spec.name!r}, got {x.shape}.{hint}")
-    return x
+    return channels_last_input(x, model_spec(model), "alexnet_jax")
 
 
 def as_labels(labels, classes: int, batch: int) -> np.ndarray:

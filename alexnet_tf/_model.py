@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from common import spec as S
-from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, check_finite_input, checked_labels
+from common.backend import ARTIFACT_INPUT, ARTIFACT_OUTPUT, channels_last_input, check_finite_input, checked_labels
 from common.io import atomic_folder, atomic_path
 from common.machine import has_avx512
 from common.weights import WeightsError, build_recipe, channels_last_converters, check_arrays, resolve_weights
@@ -277,16 +277,8 @@ def model_spec(model) -> S.ModelSpec:
 
 
 def as_input(model, x) -> np.ndarray:
-    spec = spec_of(model)
-    x = np.asarray(x, dtype=np.float32)
-    expected = (*spec.input_size, spec.in_channels)
-    if x.ndim != 4 or x.shape[1:] != expected:
-        hint = ""
-        if x.ndim == 4 and x.shape[1:] == spec.input_shape:
-            hint = " It looks like NCHW: alexnet_tf takes NHWC (transpose with x.transpose(0, 2, 3, 1))."
-        raise ValueError(f"expected an input of shape (N, {', '.join(map(str, expected))}) in NHWC for spec "
-                         f"{spec.name!r}, got {x.shape}.{hint}")
-    return x
+    """``x`` as float32 NHWC numpy at the spec's size, shape checked (an NCHW array is named as such)."""
+    return channels_last_input(x, spec_of(model), "alexnet_tf")
 
 
 def forward(model, x, *, training: bool = False, capture: bool = False):

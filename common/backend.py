@@ -370,6 +370,20 @@ def checked_labels(labels, num_classes: int, batch: int) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def channels_last_input(x, spec: ModelSpec, package: str) -> np.ndarray:
+    """``x`` as float32 NHWC numpy at ``spec``'s size for a channels-last backend (``package`` names it in
+    the error); an array of the NCHW shape is refused with the transpose that fixes it."""
+    x = np.asarray(x, dtype=np.float32)
+    expected = (*spec.input_size, spec.in_channels)
+    if x.ndim != 4 or x.shape[1:] != expected:
+        hint = ""
+        if x.ndim == 4 and x.shape[1:] == spec.input_shape:
+            hint = f" It looks like NCHW: {package} takes NHWC (transpose with x.transpose(0, 2, 3, 1))."
+        raise ValueError(f"expected an input of shape (N, {', '.join(map(str, expected))}) in NHWC for spec "
+                         f"{spec.name!r}, got {x.shape}.{hint}")
+    return x
+
+
 def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float, np.floating, np.integer))
 
@@ -657,7 +671,8 @@ def layer_summary(backend: Backend, model: Any, input_shape: tuple[int, ...], *,
 __all__ = [
     "ARTIFACT_INPUT", "ARTIFACT_OUTPUT", "Artifact", "BACKENDS", "CONTRACT", "DEVICES", "MATH_MODES", "PRECISIONS", "Backend",
     "Capabilities", "DeviceError", "GpuStatus", "LayerRow", "ReplicaEngine", "SpeedUp", "Trainer", "all_speed_ups",
-    "TrainerBase", "apply_math_environment", "bound_layer_summary", "capabilities", "check_finite_input",
+    "TrainerBase", "apply_math_environment", "channels_last_input", "bound_layer_summary", "capabilities",
+    "check_finite_input",
     "checked_labels", "checked_lr",
     "checked_momentum", "checked_weight_decay", "choose_device",
     "effective_math", "exporting_backends", "layer_summary", "load_backend",
